@@ -1,0 +1,12 @@
+"""cw (cluster-workers): route huge numbers of Python calls to long-lived workers.
+
+    client program                 python -m cw.master            python -m cw.worker -n N
+    ClusterExecutor / ClientThread ---jobs--> FIFO router ---jobs--> worker processes
+                                   <-results-            <-results-
+
+See README.rst for the guide; ``cw.client`` for the APIs.
+"""
+__version__ = "0.1.0"
+
+from .errors import (CwError, JobTimeout, MasterLost, MasterUnreachable, ProtocolError,  # noqa: F401
+                     RemoteException, SerializationError, WorkerLost)

@@ -1,0 +1,45 @@
+"""Shared command-line plumbing for the daemons: flags with ``CW_*`` defaults, logging."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Callable, Optional
+
+
+def env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
+    """``$CW_<NAME>`` cast to the flag's type, else ``default``."""
+    raw = os.environ.get("CW_" + name.upper().replace("-", "_"))
+    return default if raw in (None, "") else cast(raw)
+
+
+def add_flag(parser: argparse.ArgumentParser, *names: str, default: Any = None,
+             cast: Callable[[str], Any] = str, help: str = "", **kw) -> None:
+    """Add a flag whose default can come from ``$CW_<LONG_NAME>``; help shows both."""
+    long = next(n for n in names if n.startswith("--"))[2:]
+    var = "CW_" + long.upper().replace("-", "_")
+    if kw.get("action") in ("store_true", "store_false"):
+        value = env(long, default, lambda s: s.lower() in ("1", "true", "yes", "on"))
+    else:
+        value = env(long, default, cast)
+        kw.setdefault("type", cast)
+    parser.add_argument(*names, default=value, help=f"{help} (default: %(default)s; env {var})",
+                        **kw)
+
+
+def add_logging_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    add_flag(parser, "--log-file", default=None, help="append logs to this file, not stderr")
+
+
+def setup_logging(level: str, log_file: Optional[str], name: str = "") -> None:
+    """Log to stderr (or a file) with times, the role's logger name and ``name``."""
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    tag = f" {name}" if name else ""
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,250 @@
+"""The two client APIs, both thin layers over ``cw.session.Session``.
+
+    ClusterExecutor (concurrent.futures.Executor)      ClientThread (callbacks)
+      submit -> CwFuture ----------.                  .--- submit(jobid, func, *a, **kw)
+                                    v                v
+                              Session: pickle, batch, send; decode results (I/O thread)
+      future.set_running / set_result / exception     callback(jobid, result); failures kept
+                                                      for wait() to re-raise
+
+``host=None`` finds the master through ``cw.address.resolve``: ``$CW_MASTER``, then the
+connection file, then localhost.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Executor, Future
+from concurrent.futures import _base
+from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
+from functools import partial
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from .errors import RemoteException, SerializationError
+from .peer import DEFAULT_CONNECT_TIMEOUT
+from .session import DEFAULT_MASTER_TIMEOUT, Session
+
+log = logging.getLogger("cw.client")
+
+
+class CwFuture(Future):
+    """A Future whose ``cancel()`` asks the cluster: True only if the job never runs."""
+
+    def __init__(self, session: Session):
+        super().__init__()
+        self._session = session
+        self._seq: Optional[int] = None
+
+    def cancel(self) -> bool:
+        with self._condition:
+            if self._state in (_base.RUNNING, _base.FINISHED):
+                return False
+            if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
+                return True
+        if self._seq is not None and not self._session.cancel([self._seq]).get(self._seq):
+            return False
+        return super().cancel()
+
+
+class ClusterExecutor(Executor):
+    """A ``concurrent.futures.Executor`` whose calls run on cw workers.
+
+    ``host``/``port`` name the master (``host=None``: see ``cw.address.resolve``).
+    Construction fails with ``MasterUnreachable`` if no master answers within
+    ``connect_timeout`` seconds; pending futures fail with ``MasterLost`` if the master is
+    silent for ``master_timeout`` seconds.
+    """
+
+    def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._futures: dict[int, CwFuture] = {}
+        self._session = Session(host, port, self._started, self._done,
+                                connect_timeout, master_timeout)
+
+    # ---------------------------------------------------------------- Executor API
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        """Run ``fn(*args, **kwargs)`` on a worker; a pickling failure fails the future."""
+        with self._shutdown_lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future = CwFuture(self._session)
+            try:
+                future._seq = self._session.submit(fn, args, kwargs, future)
+            except SerializationError as exc:
+                future.set_exception(exc)
+            else:
+                self._futures[future._seq] = future
+            return future
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
+            chunksize: int = 1) -> Iterator:
+        """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per job."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return self._map(fn, zip(*iterables), timeout)
+        chunks = self._map(partial(_process_chunk, fn), _get_chunks(*iterables,
+                                                                      chunksize=chunksize),
+                           timeout, star=False)
+        return _chain_from_iterable_of_lists(chunks)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally cancel what has not started; wait; disconnect."""
+        with self._shutdown_lock:
+            already, self._shutdown = self._shutdown, True
+        if already and self._session.closed:
+            return
+        if cancel_futures:
+            self.cancel_many(list(self._futures.values()))
+        if wait:
+            _base.wait(list(self._futures.values()))
+        self._session.close()
+
+    # ---------------------------------------------------------------- extras
+    def cancel_many(self, futures: Iterable[Future]) -> int:
+        """Cancel many futures in one round trip; return how many were cancelled."""
+        mine = [f for f in futures if isinstance(f, CwFuture) and not f.done()
+                and not f.running() and f._seq is not None]
+        answers = self._session.cancel([f._seq for f in mine])
+        cancelled = 0
+        for future in mine:
+            if answers.get(future._seq) and Future.cancel(future):
+                cancelled += 1
+                self._futures.pop(future._seq, None)
+        return cancelled
+
+    def _map(self, fn: Callable, arg_tuples: Iterable, timeout: Optional[float],
+             star: bool = True) -> Iterator:
+        end = None if timeout is None else time.monotonic() + timeout
+        submit = self.submit
+        futures = [submit(fn, *args) if star else submit(fn, args) for args in arg_tuples]
+
+        def results() -> Iterator:
+            try:
+                futures.reverse()
+                while futures:
+                    future = futures[-1]
+                    left = None if end is None else end - time.monotonic()
+                    yield future.result(left)
+                    futures.pop()
+            finally:
+                if futures:
+                    self.cancel_many(futures)
+        return results()
+
+    # ---------------------------------------------------------------- I/O thread
+    def _started(self, future: CwFuture) -> None:
+        if future._state == _base.PENDING:
+            future.set_running_or_notify_cancel()
+
+    def _done(self, future: CwFuture, error: Optional[BaseException], value: Any) -> None:
+        self._futures.pop(future._seq, None)
+        if future.done():
+            return
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+    def __repr__(self) -> str:
+        return f"<ClusterExecutor master={self._session.conn.endpoint}>"
+
+
+class ClientThread:
+    """The callback API: ``callback(jobid, result)`` is called for each successful job.
+
+    ``wait()`` blocks until every submitted job is done, then re-raises the first
+    failure as ``RemoteException`` (remote traceback included, the original exception
+    chained as its cause where it could be re-created). Use as a context manager, or
+    call ``start()`` and ``stop()``.
+    """
+
+    def __init__(self, callback: Callable[[Any, Any], None], host: Optional[str] = None,
+                 port: Optional[int] = None, *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+        self.callback = callback
+        self.host, self.port = host, port
+        self.connect_timeout = connect_timeout
+        self.master_timeout = master_timeout
+        self._session: Optional[Session] = None
+        self._cond = threading.Condition()
+        self._outstanding = 0
+        self._failures: list[tuple[Any, BaseException]] = []
+
+    def start(self) -> "ClientThread":
+        """Connect to the master (raises MasterUnreachable if none answers)."""
+        if self._session is None:
+            self._session = Session(self.host, self.port, lambda jobid: None, self._done,
+                                    self.connect_timeout, self.master_timeout)
+        return self
+
+    def submit(self, jobid: Any, func: Callable, *args, **kwargs) -> None:
+        """Run ``func(*args, **kwargs)`` on a worker; ``callback(jobid, result)`` follows."""
+        if self._session is None:
+            self.start()
+        with self._cond:
+            self._outstanding += 1
+        try:
+            self._session.submit(func, args, kwargs, jobid)
+        except SerializationError as exc:
+            self._done(jobid, exc, None)
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Block until all submitted jobs are done; re-raise the first failure.
+
+        Raises TimeoutError if jobs are still outstanding after ``timeout`` seconds.
+        """
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._outstanding == 0, timeout):
+                raise TimeoutError(f"{self._outstanding} jobs still outstanding")
+            failures, self._failures = self._failures, []
+        if failures:
+            jobid, error = failures[0]
+            raise _as_remote(jobid, error, len(failures)) from error
+
+    def stop(self) -> None:
+        """Disconnect from the master; unfinished jobs are dropped there."""
+        if self._session is not None:
+            self._session.close()
+
+    def __enter__(self) -> "ClientThread":
+        return self.start()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self.stop()
+
+    def _done(self, jobid: Any, error: Optional[BaseException], value: Any) -> None:
+        if error is None:
+            try:
+                self.callback(jobid, value)
+            except Exception as exc:
+                log.exception("the callback raised for job %r", jobid)
+                error = exc
+        with self._cond:
+            if error is not None:
+                self._failures.append((jobid, error))
+            self._outstanding -= 1
+            self._cond.notify_all()
+
+
+def _as_remote(jobid: Any, error: BaseException, count: int) -> RemoteException:
+    if isinstance(error, RemoteException):
+        remote = RemoteException(error.type_name, error.message, error.remote_traceback)
+    else:
+        kind = f"{type(error).__module__}.{type(error).__qualname__}"
+        remote = RemoteException(kind, str(error), getattr(error, "remote_traceback", ""))
+    remote.jobid = jobid
+    remote.failures = count
+    if count > 1:
+        remote.message += f" (job {jobid!r}; {count - 1} more jobs failed too)"
+    return remote

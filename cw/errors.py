@@ -1,0 +1,86 @@
+"""Every exception cw raises, in one flat module.
+
+    CwError
+     ├── RemoteException      a job raised on a worker (type not importable here)
+     ├── SerializationError   a function, its arguments or its result would not (un)pickle
+     ├── ProtocolError        a peer spoke a version or a message we do not understand
+     ├── MasterUnreachable    no master answered within the bounded wait
+     ├── MasterLost           the master went silent for longer than the client tolerates
+     ├── WorkerLost           the job's worker died (too many times); names the workers
+     └── JobTimeout           the job ran past its deadline (also a TimeoutError)
+    RemoteTraceback           the remote traceback, chained as __cause__ of a re-raised error
+"""
+from __future__ import annotations
+
+
+class CwError(Exception):
+    """Base class of every error cw raises."""
+
+
+class RemoteException(CwError):
+    """A job raised an exception on a worker that cannot be re-created locally.
+
+    ``type_name`` is the remote exception's qualified type name and
+    ``remote_traceback`` the formatted traceback as it was on the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: str = ""):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.message, self.remote_traceback))
+
+    def __str__(self) -> str:
+        text = f"{self.type_name}: {self.message}"
+        if self.remote_traceback:
+            text += "\n\nRemote traceback:\n" + self.remote_traceback
+        return text
+
+
+class SerializationError(CwError):
+    """A job's function, arguments or result could not be pickled or unpickled."""
+
+
+class ProtocolError(CwError):
+    """A peer sent a message we cannot understand, or refused our protocol version."""
+
+
+class MasterUnreachable(CwError, ConnectionError):
+    """No master answered at the given address within the bounded wait."""
+
+
+class MasterLost(CwError, ConnectionError):
+    """The master stopped answering and did not come back in time."""
+
+
+class WorkerLost(CwError):
+    """The job's worker process died or went silent while running it.
+
+    ``workers`` lists one human-readable line per lost worker (name and how
+    it was lost).
+    """
+
+    def __init__(self, message: str, workers: list[str] | tuple[str, ...] = ()):
+        super().__init__(message)
+        self.workers = list(workers)
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.workers))
+
+
+class JobTimeout(CwError, TimeoutError):
+    """The job ran longer than the deadline it was submitted with."""
+
+
+class RemoteTraceback(Exception):
+    """Chained as ``__cause__`` of a re-raised remote exception; prints the remote traceback."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'

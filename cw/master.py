@@ -1,0 +1,248 @@
+"""``python -m cw.master``: the routing daemon.
+
+    clients, workers (DEALER) --tcp--> ROUTER --SocketLoop--> Master.on_message
+                                                                 | parse, check role
+                                                                 v
+                          PeriodicCallback(tick) ----------> Scheduler (all routing state)
+                          heartbeats out, silent peers out       | flush() after every batch
+                                                                 v
+                                                        ROUTER --> peers
+
+One process, one tornado IOLoop, one thread: the Scheduler has exactly one owner.
+A message that does not parse is logged and dropped; the master never dies of its input.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Optional
+
+import zmq
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from . import address, cli
+from . import protocol as P
+from .errors import ProtocolError
+from .scheduler import Client, Scheduler, Worker
+from .zloop import SocketLoop
+
+log = logging.getLogger("cw.master")
+
+DEFAULT_HEARTBEAT_INTERVAL = 1.0
+DEFAULT_HEARTBEAT_TIMEOUT = 10.0
+DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+
+
+class Master:
+    """The master daemon: binds, routes until stopped, removes its connection files."""
+
+    def __init__(self, host: str = "*", port: int = P.DEFAULT_PORT,
+                 heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+                 heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+                 connection_file: Optional[str] = None,
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+        self.bind_host = host
+        self.port = port
+        self.heartbeat_interval = heartbeat_interval
+        self.extra_connection_file = connection_file
+        self.max_message_size = max_message_size
+        self.state = Scheduler(self._send, heartbeat_timeout)
+        self.ctx = zmq.Context()
+        self.sock: Optional[zmq.Socket] = None
+        self.loop: Optional[IOLoop] = None
+        self.files: list[Path] = []
+        self.welcome_info = {"heartbeat_interval": heartbeat_interval,
+                             "heartbeat_timeout": heartbeat_timeout}
+
+    # ---------------------------------------------------------------- life cycle
+    def bind(self) -> str:
+        """Bind the ROUTER socket; return the ``tcp://host:port`` peers should dial."""
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        host = "*" if self.bind_host in ("", "0.0.0.0", "*") else self.bind_host
+        sock.bind(f"tcp://{host}:{self.port or '*'}")
+        self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+        self.sock = sock
+        self.address = f"{address.reachable_hostname(self.bind_host)}:{self.port}"
+        self._write_connection_files()
+        return f"tcp://{self.address}"
+
+    def run(self) -> None:
+        """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread."""
+        if self.sock is None:
+            self.bind()
+        self.loop = IOLoop.current()
+        aio = asyncio.get_event_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                aio.add_signal_handler(sig, self.stop, sig)
+            except (ValueError, RuntimeError):  # not the main thread
+                pass
+        self.reader = SocketLoop(self.loop, self.sock, self.on_message, self.state.flush)
+        ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
+        ticker.start()
+        log.info("master %s listening on tcp://%s", self.state.master_id[:8], self.address)
+        try:
+            self.loop.start()
+        finally:
+            ticker.stop()
+            self.close()
+
+    def stop(self, sig: Optional[int] = None) -> None:
+        """Stop routing (thread-safe)."""
+        if sig is not None:
+            log.info("received %s, shutting down", signal.Signals(sig).name)
+        if self.loop is not None:
+            self.loop.add_callback(self.loop.stop)
+
+    def close(self) -> None:
+        for path in self.files:
+            info = address.read_connection_file(path)
+            if info and info.get("master_id") == self.state.master_id:
+                path.unlink(missing_ok=True)
+        if self.sock is not None:
+            self.reader.close()
+            self.sock.close(linger=0)
+        self.ctx.term()
+        log.info("master stopped after routing %d results", self.state.routed)
+
+    def _write_connection_files(self) -> None:
+        host = self.address.rsplit(":", 1)[0]
+        info = {"host": host, "port": self.port, "pid": os.getpid(),
+                "master_id": self.state.master_id, "started": time.time()}
+        paths = [address.master_connection_file(host, self.port)]
+        if self.extra_connection_file:
+            paths.append(Path(self.extra_connection_file).expanduser())
+        for path in paths:
+            try:
+                self.files.append(address.write_connection_file(path, info))
+            except OSError as exc:
+                log.warning("cannot write connection file %s: %s", path, exc)
+
+    # ---------------------------------------------------------------- traffic
+    def _send(self, ident: bytes, frames: list) -> bool:
+        try:
+            self.sock.send_multipart([ident, *frames], copy=False)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
+            log.debug("cannot send to %s: %s", ident.hex()[:8], exc)
+            return False
+
+    def tick(self) -> None:
+        """Heartbeat every peer, drop the silent ones, flush what that changed."""
+        state = self.state
+        state.tick(time.monotonic())
+        beat = P.pack(P.HEARTBEAT)
+        for ident in [*state.workers, *state.clients]:
+            self._send(ident, [beat])
+        state.flush()
+        self.reader.kick()
+
+    def on_message(self, frames: list) -> None:
+        """Handle one message; log and drop anything malformed."""
+        ident = frames[0].bytes
+        try:
+            if len(frames) < 2:
+                raise ProtocolError("message without header")
+            header = P.unpack(frames[1])
+            self._handle(ident, header, frames[2:])
+        except (ProtocolError, ValueError, TypeError, KeyError, IndexError) as exc:
+            log.warning("dropped a bad message from %s: %s", self._name(ident), exc)
+
+    def _handle(self, ident: bytes, header: list, frames: list) -> None:
+        kind = header[0]
+        state = self.state
+        if kind == P.HELLO:
+            return self._hello(ident, header)
+        if kind == P.STATUS:
+            self._send(ident, [P.pack(P.STATUS_REPLY, state.status(time.monotonic()))])
+            return
+        peer = state.clients.get(ident) or state.workers.get(ident)
+        if peer is None:
+            if kind != P.BYE:
+                self._send(ident, [P.pack(P.WHO)])
+            return
+        now = time.monotonic()
+        peer.last_seen = now
+        if kind == P.HEARTBEAT:
+            return
+        if kind == P.BYE:
+            return state.peer_gone(ident, "said goodbye", graceful=True)
+        if isinstance(peer, Client) and kind == P.SUBMIT:
+            return state.submit(peer, header[1], header[2], frames)
+        if isinstance(peer, Client) and kind == P.CANCEL:
+            return state.cancel(peer, header[1])
+        if isinstance(peer, Worker) and kind == P.RESULTS:
+            return state.results(peer, header[1], header[2], frames, now)
+        if isinstance(peer, Worker) and kind == P.CANCELLED:
+            return state.cancelled(peer, header[1])
+        raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
+
+    def _hello(self, ident: bytes, header: list) -> None:
+        if len(header) != 4 or not isinstance(header[3], dict):
+            raise ProtocolError("HELLO must be [HELLO, version, role, info]")
+        _, version, role, info = header
+        try:
+            P.check_version(version)
+            if role not in ("client", "worker"):
+                raise ProtocolError(f"unknown role {role!r}")
+        except ProtocolError as exc:
+            log.warning("refused %s %s from %s: %s", role, info.get("name"),
+                        info.get("host"), exc)
+            self._send(ident, [P.pack(P.REFUSE, str(exc))])
+            return
+        self.state.hello(ident, role, info, time.monotonic())
+        self._send(ident, [P.pack(P.WELCOME, P.VERSION, self.state.master_id,
+                                  self.welcome_info)])
+
+    def _name(self, ident: bytes) -> str:
+        peer = self.state.clients.get(ident) or self.state.workers.get(ident)
+        return peer.name if peer else f"unknown peer {ident.hex()[:8]}"
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cw-master", description=(
+        "Route jobs FIFO from cw clients to idle cw workers and results back."))
+    cli.add_flag(parser, "--host", default="*",
+                 help="address to bind (all interfaces by default)")
+    cli.add_flag(parser, "--port", default=P.DEFAULT_PORT, cast=int,
+                 help="port to listen on; 0 picks a free one")
+    cli.add_flag(parser, "--connection-file", default=None,
+                 help="also record the master's address in this file "
+                      f"(one per master is always kept under $CW_HOME/masters, "
+                      f"CW_HOME defaulting to ~/.cw)")
+    cli.add_flag(parser, "--heartbeat-interval", default=DEFAULT_HEARTBEAT_INTERVAL,
+                 cast=float, help="seconds between heartbeats to and from peers")
+    cli.add_flag(parser, "--heartbeat-timeout", default=DEFAULT_HEARTBEAT_TIMEOUT,
+                 cast=float, help="seconds of silence after which a peer is dropped and a "
+                                  "worker's running job re-queued")
+    cli.add_flag(parser, "--max-message-size", default=DEFAULT_MAX_MESSAGE_SIZE, cast=int,
+                 help="largest message frame accepted, in bytes; a peer sending more is "
+                      "disconnected")
+    cli.add_logging_flags(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
+    master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
+                    args.connection_file, args.max_message_size)
+    endpoint = master.bind()
+    print(f"cw master listening on {endpoint}", flush=True)
+    master.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""A client's or worker's connection to the master, on a tornado IOLoop in its own thread.
+
+    owner thread ----call(fn)----> [ I/O thread: IOLoop ]
+                                     | DEALER socket (identity = uuid4)
+                                     |   HELLO --> WELCOME | REFUSE | WHO (say HELLO again)
+                                     |   HEARTBEAT every interval, both ways
+                                     |   master silent > timeout: say HELLO again, tell owner
+                                     v
+                         handler(kind, header, frames)   (runs in the I/O thread)
+
+The owner never touches the socket: it hands work to the I/O thread with ``call``.
+A WELCOME carrying a new master id means the master restarted (a HELLO to the same master
+only refreshes us there); ``on_welcome(restarted)`` lets the owner resubmit what it held.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from typing import Callable, Optional
+
+import zmq
+from tornado.ioloop import IOLoop, PeriodicCallback
+
+from . import protocol as P
+from .errors import MasterUnreachable, ProtocolError
+from .zloop import SocketLoop
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def peer_info(**extra) -> dict:
+    """What a peer tells the master about itself in HELLO."""
+    host = socket.gethostname()
+    return {"host": host, "pid": os.getpid(), "name": f"{host}:{os.getpid()}",
+            "python": sys.version.split()[0], **extra}
+
+
+class Connection:
+    """A registered DEALER connection to the master, serviced by a background thread."""
+
+    def __init__(self, host: str, port: int, role: str, info: dict,
+                 handler: Callable[[int, list, list], None],
+                 on_welcome: Callable[[bool], None] = lambda restarted: None,
+                 on_silence: Callable[[float], None] = lambda seconds: None,
+                 after_batch: Callable[[], None] = lambda: None,
+                 logger: Optional[logging.Logger] = None):
+        self.endpoint = f"tcp://{host}:{port}"
+        self.role = role
+        self.info = info
+        self.handler = handler
+        self.on_welcome = on_welcome
+        self.on_silence = on_silence
+        self.after_batch = after_batch
+        self.log = logger or logging.getLogger(f"cw.{role}")
+        self.identity = uuid.uuid4().bytes
+        self.master_id: Optional[str] = None
+        self.heartbeat_interval = 1.0
+        self.heartbeat_timeout = 10.0
+        self.welcomed = threading.Event()
+        self.refused: Optional[str] = None
+        self.last_heard = time.monotonic()
+        self.loop: Optional[IOLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._ready = threading.Event()
+        self._closing = False
+        self._said_hello = time.monotonic()
+
+    # ---------------------------------------------------------------- owner side
+    def start(self, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """Start the I/O thread and wait until the master welcomes us (None: for ever)."""
+        self._thread = threading.Thread(target=self._run, name=f"cw-{self.role}-io",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if not self.welcomed.wait(timeout):
+            self.close()
+            raise MasterUnreachable(f"no cw master answered at {self.endpoint} within "
+                                    f"{timeout:g} s (is `python -m cw.master` running there?)")
+        if self.refused:
+            self.close()
+            raise ProtocolError(f"the master at {self.endpoint} refused us: {self.refused}")
+
+    def call(self, fn: Callable, *args) -> None:
+        """Run ``fn(*args)`` in the I/O thread (thread-safe, returns at once)."""
+        self.loop.add_callback(fn, *args)
+
+    def in_io_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say goodbye, stop the I/O thread and close the socket (idempotent)."""
+        if self._thread is None or not self._thread.is_alive() or self._closing:
+            return
+        self._closing = True
+        self.call(self._shutdown)
+        if not self.in_io_thread():
+            self._thread.join(timeout)
+
+    # ---------------------------------------------------------------- I/O thread
+    def send(self, frames: list) -> None:
+        """Send a message to the master (I/O thread only)."""
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            self.log.warning("cannot send to the master: %s", exc)
+        self.reader.kick()
+
+    def _run(self) -> None:
+        self.loop = IOLoop(make_current=False)
+        self.ctx = zmq.Context()
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 2000),
+                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
+            sock.setsockopt(opt, value)
+        sock.connect(self.endpoint)
+        self.sock = sock
+        self.loop.add_callback(self._begin)
+        self._ready.set()
+        try:
+            self.loop.start()
+        finally:
+            sock.close()
+            self.ctx.term()
+            self.loop.close(all_fds=False)
+
+    def _begin(self) -> None:
+        self.reader = SocketLoop(self.loop, self.sock, self._on_message, self.after_batch)
+        self._hello()
+        self.ticker = PeriodicCallback(self._tick, self.heartbeat_interval * 1000)
+        self.ticker.start()
+
+    def _hello(self) -> None:
+        self.send([P.pack(P.HELLO, P.VERSION, self.role, self.info)])
+
+    def _shutdown(self) -> None:
+        if self.welcomed.is_set() and not self.refused:
+            self.send([P.pack(P.BYE)])
+        self.ticker.stop()
+        self.reader.close()
+        self.loop.stop()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        silent = now - self.last_heard
+        if silent > self.heartbeat_timeout:
+            if now - self._said_hello > self.heartbeat_timeout:
+                self._said_hello = now
+                self.log.warning("master %s silent for %.0f s; saying HELLO again",
+                                 self.endpoint, silent)
+                self._hello()
+            self.on_silence(silent)
+        else:
+            self.send([P.pack(P.HEARTBEAT)])
+
+    def _on_message(self, frames: list) -> None:
+        self.last_heard = time.monotonic()
+        try:
+            header = P.unpack(frames[0])
+        except ProtocolError as exc:
+            self.log.warning("dropped a bad message from the master: %s", exc)
+            return
+        kind = header[0]
+        if kind == P.HEARTBEAT:
+            return
+        if kind == P.WELCOME:
+            return self._welcome(header)
+        if kind == P.WHO:
+            self.log.info("the master does not know us (restarted?); saying HELLO again")
+            return self._hello()
+        if kind == P.REFUSE:
+            self.refused = str(header[1])
+            self.log.error("the master at %s refused us: %s", self.endpoint, self.refused)
+            self.welcomed.set()
+            return
+        self.handler(kind, header, frames[1:])
+
+    def _welcome(self, header: list) -> None:
+        _, version, master_id, info = header
+        P.check_version(version)
+        restarted = self.master_id is not None and master_id != self.master_id
+        self.master_id = master_id
+        interval = float(info.get("heartbeat_interval", self.heartbeat_interval))
+        self.heartbeat_timeout = float(info.get("heartbeat_timeout", self.heartbeat_timeout))
+        if interval != self.heartbeat_interval:
+            self.heartbeat_interval = interval
+            self.ticker.stop()
+            self.ticker = PeriodicCallback(self._tick, interval * 1000)
+            self.ticker.start()
+        self.log.info("registered with master %s at %s%s", master_id[:8], self.endpoint,
+                      " (it restarted)" if restarted else "")
+        self.welcomed.set()
+        self.on_welcome(restarted)

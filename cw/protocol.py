@@ -1,0 +1,79 @@
+"""The wire protocol: multipart zmq frames, a msgpack header, payloads in frames of their own.
+
+Every message is ``[header, payload_0, payload_1, ...]`` (the master's ROUTER socket sees the
+peer's identity frame in front). The header is a msgpack array whose first item is the kind;
+payloads (cloudpickle blobs, out-of-band pickle buffers, tracebacks) are never re-encoded,
+they ride in their own frames, in the order the header lists them::
+
+    client                          master                            worker
+      | HELLO v role info  ------->   |   <-------  HELLO v role info   |
+      | <-------  WELCOME v id info   |   WELCOME v id info  -------->  |
+      | SUBMIT fns jobs + frames --> queue --> JOBS ctxs fns jobs + frames -->
+      | <-- RESULTS started done     |   <-- RESULTS started done + frames |
+      | CANCEL seqs --------------->  |   CANCEL [[cid, seq]] -------->  |
+      | <-- CANCELLED [[seq, ok]]     |   <-- CANCELLED [[cid, seq, ok]] |
+      | HEARTBEAT <--------------->   |   <---------------> HEARTBEAT    |
+
+Jobs are batched: one SUBMIT, JOBS or RESULTS message carries any number of jobs.
+A function travels once per (client, worker) pair; afterwards jobs name it by digest.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+from .errors import ProtocolError
+
+VERSION = 1
+DEFAULT_PORT = 5494
+
+# message kinds (first header item)
+HELLO = 1        # peer -> master: [HELLO, version, role, info]
+WELCOME = 2      # master -> peer: [WELCOME, version, master_id, info]
+REFUSE = 3       # master -> peer: [REFUSE, reason]
+WHO = 4          # master -> peer: [WHO]  (unknown identity: say HELLO again)
+HEARTBEAT = 5    # both ways: [HEARTBEAT]
+BYE = 6          # peer -> master: [BYE]
+SUBMIT = 10      # client -> master: [SUBMIT, fns, jobs]; fns: [digest], jobs: [[seq, digest, nframes, opts]]
+CANCEL = 11      # client -> master: [CANCEL, [seq]]; master -> worker: [CANCEL, [[cid, seq]]]
+CANCELLED = 12   # worker -> master: [CANCELLED, [[cid, seq, ok]]]; master -> client: [CANCELLED, [[seq, ok]]]
+JOBS = 20        # master -> worker: [JOBS, ctxs, fns, jobs]; ctxs: [[cid, cwd, path]],
+                 #   fns: [[cid, digest]], jobs: [[cid, seq, digest, nframes]]
+RESULTS = 21     # worker -> master: [RESULTS, started [[cid, seq]], done [[cid, seq, status, nframes]]]
+                 # master -> client: [RESULTS, started [seq], done [[seq, status, nframes]]]
+FORGET = 22      # master -> worker: [FORGET, [cid]]  (client gone: drop its functions)
+STATUS = 30      # any -> master: [STATUS]
+STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
+
+ROLES = ("client", "worker", "status")
+
+# job outcome codes in RESULTS
+OK = 0       # frames: pickled result, out-of-band buffers...
+ERROR = 1    # frames: pickled exception (may be empty), traceback text
+FAILED = 2   # frames: pickled cw error raised by the master (WorkerLost, ...)
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def pack(*items: Any) -> bytes:
+    """Encode one header."""
+    return _pack(list(items))
+
+
+def unpack(frame) -> list:
+    """Decode one header (bytes, memoryview or zmq.Frame); raise ProtocolError if malformed."""
+    data = getattr(frame, "buffer", frame)
+    try:
+        header = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable header: {exc}") from None
+    if not isinstance(header, list) or not header or not isinstance(header[0], int):
+        raise ProtocolError(f"header is not [kind, ...]: {type(header).__name__}")
+    return header
+
+
+def check_version(version: Any) -> None:
+    """Raise ProtocolError if a peer's protocol version is not ours."""
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version!r} does not match ours ({VERSION})")

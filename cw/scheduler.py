@@ -1,0 +1,437 @@
+"""The master's state and routing rules: one owner, no sockets, no clocks of its own.
+
+    client --SUBMIT--> Client.jobs + queue (one FIFO for all clients)
+                                   |
+                              dispatch(): idle workers first, each up to its free slots
+                                   v
+                         Worker.assigned --JOBS--> worker
+    worker --RESULTS--> job leaves Worker.assigned and Client.jobs --> Client outbox
+    flush(): one RESULTS / CANCELLED message per client with news, one JOBS per fed worker
+    tick(now): peers silent for longer than the timeout are dropped (a set difference);
+               a lost worker's jobs go back to the front of the queue, or fail with
+               WorkerLost once they have lost ``max_retries`` workers.
+
+The master's event loop (cw.master) owns the only Scheduler and calls it from one thread.
+Everything sent goes through ``send(ident, frames)``, which returns False if the peer is gone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from typing import Callable, Optional
+
+from . import protocol as P
+from .errors import ProtocolError, WorkerLost
+from .serialize import dumps
+
+log = logging.getLogger("cw.master")
+
+DEFAULT_MAX_RETRIES = 3
+
+
+class Job:
+    """One submitted call, as the master sees it (its payload frames are opaque)."""
+
+    __slots__ = ("client", "seq", "digest", "frames", "worker", "started", "cancelled",
+                 "losses", "max_retries", "opts")
+
+    def __init__(self, client: "Client", seq: int, digest: bytes, frames: list, opts):
+        self.client = client
+        self.seq = seq
+        self.digest = digest
+        self.frames = frames
+        self.opts = opts
+        self.worker: Optional[Worker] = None
+        self.started = 0.0          # time the worker reported starting it, 0 if not started
+        self.cancelled = False      # dropped while queued (skipped lazily by dispatch)
+        self.losses: list[str] = []  # workers lost while running it
+        self.max_retries = (opts or {}).get("max_retries", DEFAULT_MAX_RETRIES)
+
+
+class Peer:
+    """What the master knows of any connected peer."""
+
+    def __init__(self, ident: bytes, info: dict, now: float):
+        self.ident = ident
+        self.name = str(info.get("name") or ident.hex()[:8])
+        self.host = str(info.get("host", "?"))
+        self.pid = info.get("pid")
+        self.last_seen = now
+        self.joined = now
+
+
+class Client(Peer):
+    """A connected client: its context, functions and live jobs."""
+
+    def __init__(self, ident: bytes, info: dict, now: float, cid: int):
+        super().__init__(ident, info, now)
+        self.cid = cid
+        self.cwd = str(info.get("cwd", ""))
+        self.path = [str(p) for p in info.get("path", [])]
+        self.functions: dict[bytes, object] = {}  # digest -> function frame
+        self.jobs: dict[int, Job] = {}             # seq -> job queued or assigned
+        self.submitted = 0
+        self.done = 0
+        # outbox, flushed once per loop turn
+        self.out_started: list[int] = []
+        self.out_done: list[list] = []
+        self.out_frames: list = []
+        self.out_cancelled: list[list] = []
+
+
+class Worker(Peer):
+    """A connected worker process: what it runs and holds, and what it already has."""
+
+    def __init__(self, ident: bytes, info: dict, now: float):
+        super().__init__(ident, info, now)
+        self.slots = max(1, int(info.get("slots", 1)))  # running + prefetched jobs it accepts
+        self.assigned: dict[tuple[int, int], Job] = {}  # (cid, seq) -> job, in dispatch order
+        self.fns: set[tuple[int, bytes]] = set()         # functions it has been sent
+        self.ctxs: set[int] = set()                      # clients whose context it has
+        self.done = 0
+        self.failures = 0
+        self.out_cancel: list[list] = []
+
+    def free(self) -> int:
+        return self.slots - len(self.assigned)
+
+    def running(self) -> Optional[Job]:
+        """The job it reported starting last and has not finished, if any."""
+        for job in self.assigned.values():
+            if job.started:
+                return job
+        return None
+
+
+class Scheduler:
+    """All routing state of one master. Not thread-safe: one owner calls it."""
+
+    def __init__(self, send: Callable[[bytes, list], bool], heartbeat_timeout: float = 10.0):
+        self.send = send
+        self.heartbeat_timeout = heartbeat_timeout
+        self.master_id = uuid.uuid4().hex
+        self.clients: dict[bytes, Client] = {}
+        self.by_cid: dict[int, Client] = {}
+        self.workers: dict[bytes, Worker] = {}
+        self.queue: deque[Job] = deque()
+        self.queued = 0            # live (not cancelled) jobs in the queue
+        self.routed = 0            # results delivered, ever
+        self._next_cid = 1
+        self._dirty: dict[bytes, Client] = {}  # clients with news to flush
+
+    # ---------------------------------------------------------------- peers
+    def knows(self, ident: bytes) -> bool:
+        return ident in self.clients or ident in self.workers
+
+    def seen(self, ident: bytes, now: float) -> None:
+        peer = self.clients.get(ident) or self.workers.get(ident)
+        if peer is not None:
+            peer.last_seen = now
+
+    def hello(self, ident: bytes, role: str, info: dict, now: float) -> Peer:
+        """Register a peer; a HELLO from a known identity only refreshes it."""
+        known = self.clients.get(ident) or self.workers.get(ident)
+        if known is not None:
+            known.last_seen = now
+            return known
+        if role == "worker":
+            peer: Peer = Worker(ident, info, now)
+            self.workers[ident] = peer
+        elif role == "client":
+            peer = Client(ident, info, now, self._next_cid)
+            self._next_cid += 1
+            self.clients[ident] = peer
+            self.by_cid[peer.cid] = peer
+        else:
+            raise ProtocolError(f"unknown role {role!r}")
+        log.info("%s %s joined from %s (pid %s)", role, peer.name, peer.host, peer.pid)
+        return peer
+
+    def peer_gone(self, ident: bytes, reason: str, graceful: bool = False) -> None:
+        """Forget a peer; a worker's jobs are re-queued (or failed), a client's dropped."""
+        if ident in self.workers:
+            self._worker_gone(self.workers.pop(ident), reason, graceful)
+        elif ident in self.clients:
+            self._client_gone(self.clients.pop(ident), reason)
+
+    def _client_gone(self, client: Client, reason: str) -> None:
+        del self.by_cid[client.cid]
+        self._dirty.pop(client.ident, None)
+        dropped = 0
+        for job in client.jobs.values():
+            if job.worker is None:
+                job.cancelled = True
+                self.queued -= 1
+                dropped += 1
+            elif not job.started:
+                job.worker.out_cancel.append([client.cid, job.seq])
+        client.jobs.clear()
+        client.functions.clear()
+        for worker in self.workers.values():
+            if client.cid in worker.ctxs:
+                worker.ctxs.discard(client.cid)
+                worker.fns = {f for f in worker.fns if f[0] != client.cid}
+                self.send(worker.ident, [P.pack(P.FORGET, [client.cid])])
+        log.info("client %s left (%s); %d queued jobs dropped", client.name, reason, dropped)
+
+    def _worker_gone(self, worker: Worker, reason: str, graceful: bool) -> None:
+        who = f"{worker.name} on {worker.host} (pid {worker.pid})"
+        lost = f"{who}: {reason}"
+        requeue: list[Job] = []
+        for job in worker.assigned.values():
+            job.worker = None
+            if job.client.ident not in self.clients:
+                continue  # its client is gone too
+            if job.started and not graceful:
+                job.losses.append(lost)
+                if len(job.losses) >= job.max_retries:
+                    self._fail(job, WorkerLost(_lost_message(job), job.losses))
+                    continue
+            job.started = 0.0
+            requeue.append(job)
+        for job in reversed(requeue):
+            self.queue.appendleft(job)
+        self.queued += len(requeue)
+        worker.assigned.clear()
+        level = logging.INFO if graceful else logging.WARNING
+        log.log(level, "worker %s left (%s); %d jobs re-queued", who, reason, len(requeue))
+
+    def tick(self, now: float) -> None:
+        """Drop every peer not heard from within the heartbeat timeout."""
+        deadline = now - self.heartbeat_timeout
+        silent = [p.ident for p in (*self.workers.values(), *self.clients.values())
+                  if p.last_seen < deadline]
+        for ident in silent:
+            self.peer_gone(ident, f"silent for more than {self.heartbeat_timeout:g} s")
+
+    # ---------------------------------------------------------------- clients
+    def submit(self, client: Client, fns: list, jobs: list, frames: list) -> None:
+        """Queue a batch of jobs; ``frames`` holds the function frames, then each job's."""
+        if not isinstance(fns, list) or not isinstance(jobs, list):
+            raise ProtocolError("SUBMIT needs lists of functions and jobs")
+        need = len(fns) + sum(_job_entry(j)[2] for j in jobs)
+        if need != len(frames):
+            raise ProtocolError(f"SUBMIT lists {need} frames but carries {len(frames)}")
+        for digest, frame in zip(fns, frames):
+            client.functions[_digest(digest)] = frame
+        pos = len(fns)
+        for entry in jobs:
+            seq, digest, n, opts = _job_entry(entry)
+            if digest not in client.functions:
+                raise ProtocolError(f"job {seq} names a function never sent")
+            job = Job(client, seq, digest, frames[pos:pos + n], opts)
+            pos += n
+            if seq in client.jobs:
+                continue  # resubmitted while still live: keep the first
+            client.jobs[seq] = job
+            self.queue.append(job)
+            self.queued += 1
+            client.submitted += 1
+
+    def cancel(self, client: Client, seqs: list) -> None:
+        """Cancel jobs not yet started; workers are asked about jobs they hold."""
+        for seq in seqs:
+            job = client.jobs.get(seq) if isinstance(seq, int) else None
+            if job is None or job.started:
+                client.out_cancelled.append([seq, False])
+            elif job.worker is None:
+                job.cancelled = True
+                self.queued -= 1
+                del client.jobs[seq]
+                client.out_cancelled.append([seq, True])
+            else:
+                job.worker.out_cancel.append([client.cid, seq])
+                continue
+            self._dirty[client.ident] = client
+
+    # ---------------------------------------------------------------- workers
+    def results(self, worker: Worker, started: list, done: list, frames: list,
+                now: float) -> None:
+        """Record jobs a worker started and finished; pass results to their clients."""
+        if not isinstance(started, list) or not isinstance(done, list):
+            raise ProtocolError("RESULTS needs lists")
+        if sum(_done_entry(d)[3] for d in done) != len(frames):
+            raise ProtocolError("RESULTS frame count does not match its header")
+        for entry in started:
+            job = worker.assigned.get(_key(entry))
+            if job is not None:
+                job.started = now
+                client = job.client
+                client.out_started.append(job.seq)
+                self._dirty[client.ident] = client
+        pos = 0
+        for entry in done:
+            cid, seq, status, n = _done_entry(entry)
+            job = worker.assigned.pop((cid, seq), None)
+            payload = frames[pos:pos + n]
+            pos += n
+            if job is None:
+                continue  # not ours any more (cancelled, re-queued after a timeout)
+            worker.done += 1
+            worker.failures += status != P.OK
+            self._deliver(job, status, payload)
+
+    def cancelled(self, worker: Worker, entries: list) -> None:
+        """A worker answered cancel requests: ok means it dropped the job unstarted."""
+        for entry in entries:
+            cid, seq, ok = entry
+            job = worker.assigned.get((cid, seq))
+            client = self.by_cid.get(cid)
+            if job is None or client is None:
+                continue
+            if ok:
+                del worker.assigned[(cid, seq)]
+                client.jobs.pop(seq, None)
+            client.out_cancelled.append([seq, bool(ok)])
+            self._dirty[client.ident] = client
+
+    def _deliver(self, job: Job, status: int, payload: list) -> None:
+        client = job.client
+        if client.jobs.pop(job.seq, None) is None or client.ident not in self.clients:
+            return  # the client left or the job was settled: never deliver elsewhere
+        client.done += 1
+        self.routed += 1
+        client.out_done.append([job.seq, status, len(payload)])
+        client.out_frames.extend(payload)
+        self._dirty[client.ident] = client
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        log.error("job %d of client %s failed: %s", job.seq, job.client.name, error)
+        self._deliver(job, P.FAILED, dumps(error, "error"))
+
+    # ---------------------------------------------------------------- output
+    def flush(self) -> None:
+        """Feed workers from the queue, then send every outbox that has news."""
+        if self.queued:
+            self._dispatch()
+        for worker in list(self.workers.values()):
+            if worker.out_cancel:
+                entries, worker.out_cancel = worker.out_cancel, []
+                self.send(worker.ident, [P.pack(P.CANCEL, entries)])
+        dirty, self._dirty = self._dirty, {}
+        for client in dirty.values():
+            self._flush_client(client)
+
+    def _flush_client(self, client: Client) -> None:
+        if client.out_started or client.out_done:
+            header = P.pack(P.RESULTS, client.out_started, client.out_done)
+            frames = [header, *client.out_frames]
+            client.out_started, client.out_done, client.out_frames = [], [], []
+            self.send(client.ident, frames)
+        if client.out_cancelled:
+            header = P.pack(P.CANCELLED, client.out_cancelled)
+            client.out_cancelled = []
+            self.send(client.ident, [header])
+
+    def _dispatch(self) -> None:
+        """Hand queued jobs to workers with free slots, idle workers first, evenly."""
+        ready = sorted((w for w in self.workers.values() if w.free() > 0),
+                       key=lambda w: len(w.assigned))
+        for i, worker in enumerate(ready):
+            if not self.queued:
+                break
+            share = -(-self.queued // (len(ready) - i))  # ceil: spread over the rest
+            batch = self._take(min(worker.free(), share))
+            if batch:
+                self._send_jobs(worker, batch)
+
+    def _take(self, n: int) -> list[Job]:
+        batch = []
+        queue = self.queue
+        while queue and len(batch) < n:
+            job = queue.popleft()
+            if not job.cancelled:
+                batch.append(job)
+        self.queued -= len(batch)
+        return batch
+
+    def _send_jobs(self, worker: Worker, batch: list[Job]) -> None:
+        ctxs, fns, entries = [], [], []
+        fn_frames, job_frames = [], []
+        for job in batch:
+            client = job.client
+            cid = client.cid
+            if cid not in worker.ctxs:
+                worker.ctxs.add(cid)
+                ctxs.append([cid, client.cwd, client.path])
+            if (cid, job.digest) not in worker.fns:
+                worker.fns.add((cid, job.digest))
+                fns.append([cid, job.digest])
+                fn_frames.append(client.functions[job.digest])
+            entries.append([cid, job.seq, job.digest, len(job.frames), job.opts])
+            job_frames.extend(job.frames)
+            job.worker = worker
+            worker.assigned[(cid, job.seq)] = job
+        header = P.pack(P.JOBS, ctxs, fns, entries)
+        if not self.send(worker.ident, [header, *fn_frames, *job_frames]):
+            self.peer_gone(worker.ident, "unreachable", graceful=True)
+
+    # ---------------------------------------------------------------- status
+    def status(self, now: Optional[float] = None) -> dict:
+        """A plain-data snapshot of the master's state."""
+        now = time.time() if now is None else now
+        return {
+            "master_id": self.master_id,
+            "queue": self.queued,
+            "routed": self.routed,
+            "workers": [_worker_status(w, now) for w in self.workers.values()],
+            "clients": [_client_status(c) for c in self.clients.values()],
+        }
+
+
+def _worker_status(w: Worker, now: float) -> dict:
+    job = w.running()
+    return {
+        "name": w.name, "host": w.host, "pid": w.pid,
+        "state": "busy" if w.assigned else "idle",
+        "job": [job.client.name, job.seq] if job else None,
+        "job_seconds": round(now - job.started, 3) if job else None,
+        "held": len(w.assigned), "done": w.done, "failures": w.failures,
+        "last_heartbeat": round(now - w.last_seen, 3),
+    }
+
+
+def _client_status(c: Client) -> dict:
+    running = sum(1 for j in c.jobs.values() if j.started)
+    return {
+        "name": c.name, "host": c.host, "pid": c.pid,
+        "queued": len(c.jobs) - running, "running": running, "done": c.done,
+        "submitted": c.submitted,
+    }
+
+
+def _lost_message(job: Job) -> str:
+    return (f"job {job.seq} was running on {len(job.losses)} workers that died or went "
+            f"silent (max_retries={job.max_retries}); likely causes: the job exhausts memory "
+            f"(OOM killer), kills its process (signal, os._exit, segfault), or its node was "
+            f"lost. Workers: " + "; ".join(job.losses))
+
+
+def _digest(value) -> bytes:
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ProtocolError("function digest must be 16 bytes")
+    return value
+
+
+def _key(entry) -> tuple[int, int]:
+    cid, seq = entry
+    return cid, seq
+
+
+def _job_entry(entry) -> tuple[int, bytes, int, Optional[dict]]:
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise ProtocolError("job entry must be [seq, digest, nframes, opts]")
+    seq, digest, n, opts = entry
+    if not isinstance(seq, int) or not isinstance(n, int) or n < 1:
+        raise ProtocolError("job entry has a bad seq or frame count")
+    if opts is not None and not isinstance(opts, dict):
+        raise ProtocolError("job options must be a map")
+    return seq, _digest(digest), n, opts
+
+
+def _done_entry(entry) -> tuple[int, int, int, int]:
+    if not isinstance(entry, list) or len(entry) != 4 or not all(isinstance(x, int) for x in entry):
+        raise ProtocolError("done entry must be [cid, seq, status, nframes]")
+    return tuple(entry)

@@ -1,0 +1,55 @@
+"""Pickling of functions, arguments and results.
+
+Functions and data are pickled with cloudpickle (closures and lambdas work) at protocol 5.
+Large buffers (bytearray, numpy arrays, ...) are taken out of band and travel as zmq frames
+of their own, so a 10 MB array is never copied into a pickle, msgpack or a joined message::
+
+    obj --cloudpickle(protocol 5)--> [pickle, buffer, buffer, ...] --zmq frames--> loads(pickle, buffers)
+
+Every failure becomes a SerializationError naming what failed, with the original as cause.
+"""
+from __future__ import annotations
+
+import hashlib
+import pickle
+from typing import Any, Callable
+
+import cloudpickle
+
+from .errors import SerializationError
+
+OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay inside the pickle
+
+
+def dumps(obj: Any, what: str) -> list:
+    """Pickle ``obj`` into ``[pickle, *large_buffers]``; ``what`` names it in errors."""
+    buffers: list = []
+
+    def keep(buf: pickle.PickleBuffer) -> bool:
+        raw = buf.raw()
+        if raw.nbytes < OUT_OF_BAND_MIN:
+            return True  # in band
+        buffers.append(raw)
+        return False
+
+    try:
+        return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), *buffers]
+    except Exception as exc:
+        raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def loads(frames, what: str) -> Any:
+    """Unpickle ``[pickle, *buffers]`` (bytes, memoryviews or zmq.Frames)."""
+    views = [getattr(f, "buffer", f) for f in frames]
+    try:
+        return pickle.loads(views[0], buffers=views[1:])
+    except Exception as exc:
+        raise SerializationError(f"cannot unpickle {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def dumps_function(func: Callable) -> tuple[bytes, bytes]:
+    """Pickle a function once; return ``(digest, blob)``; the digest names it on the wire."""
+    blob = dumps(func, f"function {getattr(func, '__qualname__', func)!r}")
+    if len(blob) != 1:  # a function with a huge buffer baked in: keep it in band
+        blob = [cloudpickle.dumps(func, protocol=5)]
+    return hashlib.blake2b(blob[0], digest_size=16).digest(), blob[0]

@@ -1,0 +1,263 @@
+"""A client's session with the master: what both client APIs share.
+
+    user thread                                   I/O thread (cw.peer.Connection)
+    submit(func, args) --pickle here-->  unsent --flush: one SUBMIT per turn-->  master
+                         jobs[seq] (kept until settled: resubmitted if the master restarts)
+                                                  <--RESULTS: started seqs, done [seq, status]--
+    on_started(token) / on_done(token, error, value)   <-- decoded here, once per seq
+    cancel(seqs): round trip through the master and the worker holding the job: True only
+                  if the job was removed before it started, so it will never run
+
+A function object is pickled once per session (cached by identity) and its blob travels to
+the master once; jobs afterwards name it by digest. Results arriving twice are dropped by seq.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import pickle
+import sys
+import threading
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Optional
+
+import msgpack
+
+from . import address
+from . import protocol as P
+from . import serialize
+from .errors import MasterLost, RemoteException, RemoteTraceback, SerializationError
+from .peer import DEFAULT_CONNECT_TIMEOUT, Connection, peer_info
+
+log = logging.getLogger("cw.client")
+
+DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
+FUNCTION_CACHE = 512
+
+
+class ClientJob:
+    __slots__ = ("seq", "token", "digest", "blob", "frames", "opts")
+
+    def __init__(self, seq, token, digest, blob, frames, opts):
+        self.seq, self.token, self.digest, self.blob = seq, token, digest, blob
+        self.frames, self.opts = frames, opts
+
+
+class Session:
+    """Submit jobs, get their outcomes through two callbacks (run in the I/O thread)."""
+
+    def __init__(self, host: Optional[str], port: Optional[int],
+                 on_started: Callable[[Any], None],
+                 on_done: Callable[[Any, Optional[BaseException], Any], None],
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+        self.host, self.port = address.resolve(host, port)
+        self.on_started = on_started
+        self.on_done = on_done
+        self.master_timeout = master_timeout
+        self.lock = threading.Lock()
+        self.jobs: dict[int, ClientJob] = {}      # unsettled jobs, by seq
+        self.unsent: list[ClientJob] = []
+        self.flush_asked = False
+        self.functions: OrderedDict[int, tuple] = OrderedDict()  # id(func) -> (func, digest, blob)
+        self.master_has: set[bytes] = set()       # digests sent (I/O thread only)
+        self.cancels: dict[int, list] = {}        # seq -> [event, answer]
+        self.seqs = itertools.count(1)
+        self.closed = False
+        info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
+        self.conn = Connection(self.host, self.port, "client", info, self._on_message,
+                               on_welcome=self._on_welcome, on_silence=self._on_silence,
+                               logger=log)
+        self.conn.start(connect_timeout)
+
+    # ---------------------------------------------------------------- user side
+    def submit(self, func: Callable, args: tuple, kwargs: dict, token: Any,
+               opts: Optional[dict] = None) -> int:
+        """Queue one call; raise SerializationError at once if it will not pickle."""
+        if not callable(func):
+            raise TypeError(f"{func!r} is not callable")
+        digest, blob = self._function(func)
+        frames = serialize.dumps((args, kwargs), f"the arguments of {_name(func)}")
+        with self.lock:
+            seq = next(self.seqs)
+            job = ClientJob(seq, token, digest, blob, frames, opts)
+            self.jobs[seq] = job
+            self.unsent.append(job)
+            self._ask_flush()
+        return seq
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet settled."""
+        return len(self.jobs)
+
+    def cancel(self, seqs: Iterable[int], timeout: float = 10.0) -> dict[int, bool]:
+        """Cancel jobs; a job maps to True only if it was removed before it started."""
+        answers: dict[int, bool] = {}
+        asked: dict[int, list] = {}
+        with self.lock:
+            unsent = {j.seq for j in self.unsent}
+            for seq in seqs:
+                if seq in unsent:
+                    answers[seq] = True
+                elif seq in self.jobs and not self.conn.in_io_thread():
+                    asked[seq] = self.cancels.setdefault(seq, [threading.Event(), False])
+                else:
+                    answers[seq] = False
+            if unsent & answers.keys():
+                self.unsent = [j for j in self.unsent if j.seq not in answers]
+                for seq in unsent & answers.keys():
+                    del self.jobs[seq]
+        if asked:
+            self.conn.call(self.conn.send, [P.pack(P.CANCEL, list(asked))])
+            for seq, waiter in asked.items():
+                waiter[0].wait(timeout)
+                answers[seq] = waiter[1]
+        return answers
+
+    def close(self) -> None:
+        """Leave the master; unsettled jobs are dropped there."""
+        if not self.closed:
+            self.closed = True
+            self.conn.close()
+
+    def _function(self, func: Callable) -> tuple[bytes, bytes]:
+        cached = self.functions.get(id(func))
+        if cached is not None and cached[0] is func:
+            self.functions.move_to_end(id(func))
+            return cached[1], cached[2]
+        digest, blob = serialize.dumps_function(func)
+        self.functions[id(func)] = (func, digest, blob)
+        if len(self.functions) > FUNCTION_CACHE:
+            self.functions.popitem(last=False)
+        return digest, blob
+
+    def _ask_flush(self) -> None:  # under lock
+        if not self.flush_asked:
+            self.flush_asked = True
+            self.conn.call(self._flush)
+
+    # ---------------------------------------------------------------- I/O thread
+    def _flush(self) -> None:
+        with self.lock:
+            self.flush_asked = False
+            batch, self.unsent = self.unsent, []
+        if not batch:
+            return
+        fns, fn_frames, entries, frames = [], [], [], []
+        for job in batch:
+            if job.digest not in self.master_has:
+                self.master_has.add(job.digest)
+                fns.append(job.digest)
+                fn_frames.append(job.blob)
+            entries.append([job.seq, job.digest, len(job.frames), job.opts])
+            frames.extend(job.frames)
+        self.conn.send([P.pack(P.SUBMIT, fns, entries), *fn_frames, *frames])
+
+    def _on_message(self, kind: int, header: list, frames: list) -> None:
+        if kind == P.RESULTS:
+            self._results(header[1], header[2], frames)
+        elif kind == P.CANCELLED:
+            self._cancelled(header[1])
+        else:
+            log.warning("dropped a message of unexpected kind %s from the master", kind)
+
+    def _results(self, started: list, done: list, frames: list) -> None:
+        jobs = self.jobs
+        for seq in started:
+            job = jobs.get(seq)
+            if job is not None:
+                self._call(self.on_started, job.token)
+        pos = 0
+        for seq, status, n in done:
+            payload = frames[pos:pos + n]
+            pos += n
+            with self.lock:
+                job = jobs.pop(seq, None)
+            if job is None:
+                continue  # delivered already (resubmitted after a master restart)
+            error, value = decode_outcome(status, payload, job.seq)
+            self._call(self.on_done, job.token, error, value)
+
+    def _cancelled(self, answers: list) -> None:
+        for seq, ok in answers:
+            with self.lock:
+                if ok:
+                    self.jobs.pop(seq, None)
+                waiter = self.cancels.pop(seq, None)
+            if waiter is not None:
+                waiter[1] = bool(ok)
+                waiter[0].set()
+
+    def _on_welcome(self, restarted: bool) -> None:
+        if not restarted:
+            return
+        with self.lock:
+            self.master_has.clear()
+            self.unsent = sorted(self.jobs.values(), key=lambda j: j.seq)
+            waiters, self.cancels = self.cancels, {}
+        for waiter in waiters.values():
+            waiter[0].set()  # unknown: answer "not cancelled"
+        log.warning("master restarted; resubmitting %d unfinished jobs", len(self.unsent))
+        self._flush()
+
+    def _on_silence(self, seconds: float) -> None:
+        if seconds < self.master_timeout or not self.jobs:
+            return
+        with self.lock:
+            lost, self.jobs, self.unsent = list(self.jobs.values()), {}, []
+        error = MasterLost(f"the master at {self.conn.endpoint} has been silent for "
+                           f"{seconds:.0f} s (master_timeout={self.master_timeout:g} s)")
+        log.error("%s; failing %d jobs", error, len(lost))
+        for job in lost:
+            self._call(self.on_done, job.token, error, None)
+
+    @staticmethod
+    def _call(fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("a result callback raised")
+
+
+def decode_outcome(status: int, payload: list, seq: int) -> tuple[Optional[BaseException], Any]:
+    """Turn a RESULTS entry into ``(error, value)``; never raises."""
+    try:
+        if status == P.OK:
+            return None, serialize.loads(payload, f"the result of job {seq}")
+        if status == P.ERROR:
+            return rebuild_error(payload), None
+        return serialize.loads(payload, "the master's error"), None
+    except SerializationError as exc:
+        return exc, None
+    except Exception as exc:  # a malformed payload
+        return SerializationError(f"cannot decode the outcome of job {seq}: {exc}"), None
+
+
+def rebuild_error(payload: list) -> BaseException:
+    """The remote exception, with its remote traceback chained as the cause.
+
+    The original type is re-created where it unpickles here; otherwise a RemoteException
+    carries its type name, message and traceback.
+    """
+    blob, tb, meta = (getattr(f, "bytes", f) for f in payload)
+    type_name, message = msgpack.unpackb(meta, raw=False)
+    text = tb.decode("utf-8", "replace")
+    exc: Any = None
+    if blob:
+        try:
+            exc = pickle.loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return RemoteException(type_name, message, text)
+    exc.__cause__ = RemoteTraceback(text)
+    try:
+        exc.remote_traceback = text
+    except AttributeError:  # an exception type with __slots__
+        pass
+    return exc
+
+
+def _name(func: Callable) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)

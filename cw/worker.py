@@ -1,0 +1,396 @@
+"""``python -m cw.worker [HOST] [-n N]``: processes that run jobs.
+
+    supervisor (the command you start) --spawns, restarts if killed--> N worker processes
+
+    one worker process:
+      I/O thread (cw.peer.Connection)              main thread: loop()
+        JOBS ----> pending deque (under lock) ---> pop: note "started", run in the client's
+        CANCEL --> drop from pending if there        cwd with its sys.path in front
+        FORGET --> drop a gone client's functions  result or remote traceback --> outbox
+        flush <--- outbox (started, done, frames) <--- flush asked when idle or every few ms
+        HEARTBEAT both ways, answered here, so a job holding the GIL never looks dead
+
+Jobs run in the main thread so that SIGINT/SIGTERM interrupt a running job (WorkerShutdown);
+the worker says BYE and the master re-queues what it held. A job's exception, or a function,
+argument or result that will not (un)pickle, fails that one job; the worker lives on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from typing import Optional
+
+import cloudpickle
+import msgpack
+from tornado.ioloop import PeriodicCallback
+
+from . import address, cli
+from . import protocol as P
+from . import serialize
+from .errors import CwError, ProtocolError
+from .peer import Connection, peer_info
+
+log = logging.getLogger("cw.worker")
+
+DEFAULT_SLOTS = 4          # jobs a worker holds: the running one and the prefetched ones
+FLUSH_INTERVAL = 0.005     # seconds a started/done note may wait before it is sent
+FLUSH_MAX = 256            # notes that force a flush
+EXIT_FATAL = 3             # the master refused us: the supervisor does not restart us
+
+
+class WorkerShutdown(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM to stop the worker, even mid-job."""
+
+
+class LocalJob:
+    __slots__ = ("cid", "seq", "digest", "frames", "opts")
+
+    def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts):
+        self.cid, self.seq, self.digest, self.frames, self.opts = cid, seq, digest, frames, opts
+
+
+class Worker:
+    """One worker process: connects, registers and runs jobs until stopped."""
+
+    def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
+                 slots: int = DEFAULT_SLOTS):
+        self.host, self.port = address.resolve(host, port)
+        self.slots = slots
+        self.cond = threading.Condition()
+        # shared with the I/O thread, guarded by cond
+        self.pending: deque[LocalJob] = deque()
+        self.contexts: dict[int, tuple[str, list]] = {}
+        self.blobs: dict[tuple[int, bytes], object] = {}
+        self.forgotten: list[int] = []
+        self.out_started: list[list] = []
+        self.out_done: list[list] = []
+        self.out_frames: list = []
+        self.out_since = 0.0
+        self.flush_asked = False
+        self.running = True
+        # main thread only
+        self.functions: dict[tuple[int, bytes], object] = {}
+        self.current_cid: Optional[int] = None
+        self.base_path = list(sys.path)
+        self.base_cwd = os.getcwd()
+        self.jobs_done = 0
+        self.conn = Connection(self.host, self.port, "worker", peer_info(slots=slots),
+                               self._on_message, on_welcome=self._on_welcome, logger=log)
+
+    # ---------------------------------------------------------------- main thread
+    def run(self, connect_timeout: Optional[float] = None) -> None:
+        """Register, then run jobs until SIGINT/SIGTERM or ``stop()``."""
+        log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
+        self.conn.start(connect_timeout)
+        self.conn.call(self._start_flusher)
+        try:
+            self.loop()
+        except WorkerShutdown:
+            log.info("worker %s stopping", self.conn.info["name"])
+        finally:
+            self.conn.close()
+            log.info("worker %s stopped after %d jobs", self.conn.info["name"], self.jobs_done)
+
+    def stop(self) -> None:
+        with self.cond:
+            self.running = False
+            self.cond.notify()
+
+    def loop(self) -> None:
+        """Take jobs one by one, run them, note their outcome."""
+        while True:
+            with self.cond:
+                while not self.pending and self.running:
+                    self.cond.wait()
+                if not self.running:
+                    return
+                job = self.pending.popleft()
+                self._note([[job.cid, job.seq]], [], [])
+                context = self.contexts.get(job.cid)
+                blob = self.blobs.get((job.cid, job.digest))
+                self._forget_functions()
+            status, frames = self.execute(job, context, blob)
+            self.jobs_done += 1
+            with self.cond:
+                self._note([], [[job.cid, job.seq, status, len(frames)]], frames)
+                if not self.pending or len(self.out_done) >= FLUSH_MAX:
+                    self._ask_flush()
+
+    def execute(self, job: LocalJob, context, blob) -> tuple[int, list]:
+        """Run one job; return ``(status, frames)`` for the RESULTS message."""
+        try:
+            self._enter(job.cid, context)
+            func = self._function(job, blob)
+            args, kwargs = serialize.loads(job.frames, "the job's arguments")
+            result = func(*args, **kwargs)
+        except WorkerShutdown:
+            raise
+        except BaseException as exc:  # the job's own failure, SystemExit included
+            return P.ERROR, error_frames(exc)
+        try:
+            return P.OK, serialize.dumps(result, f"the result of job {job.seq}")
+        except CwError as exc:
+            return P.ERROR, error_frames(exc)
+
+    def _function(self, job: LocalJob, blob):
+        key = (job.cid, job.digest)
+        func = self.functions.get(key)
+        if func is None:
+            if blob is None:
+                raise ProtocolError(f"job {job.seq} names a function this worker never got")
+            func = self.functions[key] = serialize.loads([blob], "the job's function")
+        return func
+
+    def _enter(self, cid: int, context) -> None:
+        """Switch to the client's working directory and sys.path (once per client switch)."""
+        if cid == self.current_cid or context is None:
+            return
+        cwd, path = context
+        try:
+            os.chdir(cwd)
+        except OSError as exc:
+            log.warning("cannot enter the client's directory %s (%s); staying in %s",
+                        cwd, exc, os.getcwd())
+        sys.path[:] = list(dict.fromkeys([*path, *self.base_path]))
+        self.current_cid = cid
+
+    def _forget_functions(self) -> None:
+        for cid in self.forgotten:
+            for key in [k for k in self.functions if k[0] == cid]:
+                del self.functions[key]
+            if self.current_cid == cid:
+                self.current_cid = None
+        self.forgotten.clear()
+
+    # ---------------------------------------------------------------- outbox (under cond)
+    def _note(self, started: list, done: list, frames: list) -> None:
+        if not (self.out_started or self.out_done):
+            self.out_since = time.monotonic()
+        self.out_started.extend(started)
+        self.out_done.extend(done)
+        self.out_frames.extend(frames)
+
+    def _ask_flush(self) -> None:
+        if not self.flush_asked:
+            self.flush_asked = True
+            self.conn.call(self._flush)
+
+    # ---------------------------------------------------------------- I/O thread
+    def _start_flusher(self) -> None:
+        self.flusher = PeriodicCallback(self._flush_if_old, FLUSH_INTERVAL * 1000)
+        self.flusher.start()
+
+    def _flush_if_old(self) -> None:
+        if (self.out_started or self.out_done) and \
+                time.monotonic() - self.out_since >= FLUSH_INTERVAL:
+            self._flush()
+
+    def _flush(self) -> None:
+        with self.cond:
+            self.flush_asked = False
+            if not (self.out_started or self.out_done):
+                return
+            header = P.pack(P.RESULTS, self.out_started, self.out_done)
+            frames = self.out_frames
+            self.out_started, self.out_done, self.out_frames = [], [], []
+        self.conn.send([header, *frames])
+
+    def _on_message(self, kind: int, header: list, frames: list) -> None:
+        if kind == P.JOBS:
+            self._jobs(header[1], header[2], header[3], frames)
+        elif kind == P.CANCEL:
+            self._cancel(header[1])
+        elif kind == P.FORGET:
+            with self.cond:
+                for cid in header[1]:
+                    self.contexts.pop(cid, None)
+                    for key in [k for k in self.blobs if k[0] == cid]:
+                        del self.blobs[key]
+                    self.forgotten.append(cid)
+        else:
+            log.warning("dropped a message of unexpected kind %s from the master", kind)
+
+    def _jobs(self, ctxs: list, fns: list, entries: list, frames: list) -> None:
+        pos = len(fns)
+        jobs = []
+        for cid, seq, digest, n, opts in entries:
+            jobs.append(LocalJob(cid, seq, digest, frames[pos:pos + n], opts))
+            pos += n
+        with self.cond:
+            for cid, cwd, path in ctxs:
+                self.contexts[cid] = (cwd, path)
+            for (cid, digest), frame in zip(fns, frames):
+                self.blobs[(cid, digest)] = frame
+            self.pending.extend(jobs)
+            self.cond.notify()
+
+    def _cancel(self, entries: list) -> None:
+        wanted = {(cid, seq) for cid, seq in entries}
+        with self.cond:
+            kept = deque(j for j in self.pending if (j.cid, j.seq) not in wanted)
+            dropped = {(j.cid, j.seq) for j in self.pending} - {(j.cid, j.seq) for j in kept}
+            self.pending = kept
+        reply = [[cid, seq, (cid, seq) in dropped] for cid, seq in entries]
+        self.conn.send([P.pack(P.CANCELLED, reply)])
+
+    def _on_welcome(self, restarted: bool) -> None:
+        if not restarted:
+            return
+        with self.cond:  # the new master knows nothing of what we held
+            self.pending.clear()
+            self.contexts.clear()
+            self.blobs.clear()
+            self.forgotten.extend({k[0] for k in self.functions})
+            self.out_started, self.out_done, self.out_frames = [], [], []
+
+
+def error_frames(exc: BaseException) -> list:
+    """``[pickled exception or b"", traceback text, msgpack [type name, message]]``."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        blob = cloudpickle.dumps(exc, protocol=5)
+    except Exception:
+        blob = b""
+    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
+    return [blob, text.encode("utf-8", "replace"), msgpack.packb([kind, str(exc)])]
+
+
+# -------------------------------------------------------------------- processes
+def run_child(args: argparse.Namespace) -> int:
+    """Body of one worker process."""
+    def interrupt(signum, frame):
+        raise WorkerShutdown(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    worker = Worker(args.host, args.port, args.slots)
+    try:
+        worker.run(args.connect_timeout or None)
+    except ProtocolError as exc:
+        log.error("%s", exc)
+        return EXIT_FATAL
+    except WorkerShutdown:
+        pass
+    return 0
+
+
+class Supervisor:
+    """Starts N worker processes and keeps N running until told to stop."""
+
+    def __init__(self, argv: list[str], n: int):
+        self.argv = argv
+        self.n = n
+        self.children: dict[int, subprocess.Popen] = {}
+        self.stopping = False
+        self.quick_deaths = 0
+
+    def spawn(self) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "cw.worker", "--child", *self.argv])
+        self.children[proc.pid] = proc
+        self.started = time.monotonic()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        for _ in range(self.n):
+            self.spawn()
+        log.info("supervisor %d started %d workers: %s", os.getpid(), self.n,
+                 " ".join(map(str, self.children)))
+        while self.children:
+            try:
+                pid, status = os.wait()
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+            self._reap(pid, status)
+        return 0
+
+    def _reap(self, pid: int, status: int) -> None:
+        proc = self.children.pop(pid, None)
+        if proc is None:
+            return
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if self.stopping:
+            return
+        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
+               else f"exit code {proc.returncode}")
+        if proc.returncode == EXIT_FATAL:
+            log.error("worker %d cannot work here (%s); not restarting it", pid, how)
+            return
+        quick = time.monotonic() - self.started < 1.0
+        self.quick_deaths = self.quick_deaths + 1 if quick else 0
+        if self.quick_deaths > 5:
+            log.error("workers keep dying at start (%s); giving up on this slot", how)
+            return
+        log.warning("worker %d died (%s); starting a new one", pid, how)
+        self.spawn()
+
+    def _stop(self, signum, frame) -> None:
+        if not self.stopping:
+            log.info("supervisor got %s; stopping %d workers", signal.Signals(signum).name,
+                     len(self.children))
+        self.stopping = True
+        for proc in self.children.values():
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        threading.Timer(10.0, self._kill_stragglers).start()
+
+    def _kill_stragglers(self) -> None:
+        for proc in list(self.children.values()):
+            if proc.poll() is None:
+                log.warning("worker %d ignored SIGTERM; killing it", proc.pid)
+                proc.kill()
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cw-worker", description=(
+        "Run cw worker processes that take jobs from a cw master."))
+    parser.add_argument("host", nargs="?", default=None,
+                        help="the master's host[:port] (default: $CW_MASTER, else the "
+                             "connection file $CW_HOME/default.json, else localhost)")
+    cli.add_flag(parser, "--port", default=None, cast=int, help="the master's port (5494)")
+    cli.add_flag(parser, "-n", "--processes", default=1, cast=int,
+                 help="worker processes to run on this node")
+    cli.add_flag(parser, "--slots", default=DEFAULT_SLOTS, cast=int,
+                 help="jobs one worker holds at once: the running one plus prefetched ones")
+    cli.add_flag(parser, "--connect-timeout", default=0.0, cast=float,
+                 help="give up if no master answers within this many seconds; 0 waits "
+                      "for ever")
+    cli.add_logging_flags(parser)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def child_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of one worker process, from the supervisor's."""
+    argv = [args.host] if args.host else []
+    for flag, value in (("--port", args.port), ("--slots", args.slots),
+                        ("--connect-timeout", args.connect_timeout),
+                        ("--log-level", args.log_level), ("--log-file", args.log_file)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    role = "worker" if args.child else "supervisor"
+    cli.setup_logging(args.log_level, args.log_file, f"{role} {os.uname().nodename}:{os.getpid()}")
+    if args.child:
+        sys.exit(run_child(args))
+    sys.exit(Supervisor(child_argv(args), max(1, args.processes)).run())
+
+
+if __name__ == "__main__":
+    main()
