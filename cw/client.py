@@ -32,9 +32,9 @@ log = logging.getLogger("cw.client")
 class CwFuture(Future):
     """A Future whose ``cancel()`` asks the cluster: True only if the job never runs."""
 
-    def __init__(self, session: Session):
+    def __init__(self, executor: "ClusterExecutor"):
         super().__init__()
-        self._session = session
+        self._executor = executor
         self._seq: Optional[int] = None
 
     def cancel(self) -> bool:
@@ -43,9 +43,18 @@ class CwFuture(Future):
                 return False
             if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
                 return True
-        if self._seq is not None and not self._session.cancel([self._seq]).get(self._seq):
+        if self._seq is not None and \
+                not self._executor._session.cancel([self._seq]).get(self._seq):
             return False
-        return super().cancel()
+        return self._cancelled_by_cluster()
+
+    def _cancelled_by_cluster(self) -> bool:
+        """Mark cancelled (the cluster confirmed it will never run) and wake waiters."""
+        if not super().cancel():
+            return False
+        self.set_running_or_notify_cancel()  # CANCELLED -> CANCELLED_AND_NOTIFIED
+        self._executor._futures.pop(self._seq, None)
+        return True
 
 
 class ClusterExecutor(Executor):
@@ -72,7 +81,7 @@ class ClusterExecutor(Executor):
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            future = CwFuture(self._session)
+            future = CwFuture(self)
             try:
                 future._seq = self._session.submit(fn, args, kwargs, future)
             except SerializationError as exc:
@@ -113,9 +122,8 @@ class ClusterExecutor(Executor):
         answers = self._session.cancel([f._seq for f in mine])
         cancelled = 0
         for future in mine:
-            if answers.get(future._seq) and Future.cancel(future):
+            if answers.get(future._seq) and future._cancelled_by_cluster():
                 cancelled += 1
-                self._futures.pop(future._seq, None)
         return cancelled
 
     def _map(self, fn: Callable, arg_tuples: Iterable, timeout: Optional[float],

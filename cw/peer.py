@@ -124,8 +124,8 @@ class Connection:
         self._ready.set()
         try:
             self.loop.start()
-        finally:
-            sock.close()
+        finally:  # linger only to deliver BYE to a master that knows us
+            sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
             self.loop.close(all_fds=False)
 

@@ -118,6 +118,7 @@ class Scheduler:
         self.queue: deque[Job] = deque()
         self.queued = 0            # live (not cancelled) jobs in the queue
         self.routed = 0            # results delivered, ever
+        self.discarded = 0         # results dropped because their client had gone
         self._next_cid = 1
         self._dirty: dict[bytes, Client] = {}  # clients with news to flush
 
@@ -269,6 +270,11 @@ class Scheduler:
             pos += n
             if job is None:
                 continue  # not ours any more (cancelled, re-queued after a timeout)
+            if job.client.ident not in self.clients:
+                self.discarded += 1
+                log.info("discarded the result of job %d: client %s has gone",
+                         seq, job.client.name)
+                continue
             worker.done += 1
             worker.failures += status != P.OK
             self._deliver(job, status, payload)
@@ -376,6 +382,7 @@ class Scheduler:
             "master_id": self.master_id,
             "queue": self.queued,
             "routed": self.routed,
+            "discarded": self.discarded,
             "workers": [_worker_status(w, now) for w in self.workers.values()],
             "clients": [_client_status(c) for c in self.clients.values()],
         }

@@ -344,7 +344,9 @@ class Supervisor:
                 proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        threading.Timer(10.0, self._kill_stragglers).start()
+        timer = threading.Timer(10.0, self._kill_stragglers)
+        timer.daemon = True  # must not keep the supervisor alive once its children are gone
+        timer.start()
 
     def _kill_stragglers(self) -> None:
         for proc in list(self.children.values()):

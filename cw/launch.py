@@ -1,0 +1,102 @@
+"""Start, stop and allocate a cw cluster with whichever launcher fits this machine.
+
+    cw.launch.start(n)  --sbatch/salloc on PATH?--yes--> cw.slurm.start(n)  (jobs cmaster, cworkers)
+                                                 --no---> cw.mp.start(n)     (local processes)
+
+Both launchers share what lives here: ``LaunchError`` and ``wait_until_up``, the bounded
+poll of ``cw.status.status`` that makes ``start`` return only once the master answers and
+the workers have registered::
+
+    wait_until_up(host, port, n) --STATUS--> master --{workers: [...]}--> n new workers? done
+                                 <-- retry with backoff, fail naming what is missing ----'
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from .errors import CwError, MasterUnreachable
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding the cw package
+
+
+class LaunchError(CwError):
+    """A launcher could not bring up (or find) the master or the workers it was asked for."""
+
+
+def slurm_available() -> bool:
+    """True when SLURM's submit commands are on PATH."""
+    return bool(shutil.which("sbatch") or shutil.which("salloc"))
+
+
+def _launcher():
+    from . import mp, slurm  # imported late: both modules import this one
+    return slurm if slurm_available() else mp
+
+
+def start(nworkers: int, master: bool = True, workers: bool = True, **options):
+    """Start a master and ``nworkers`` workers with SLURM if present, else locally."""
+    return _launcher().start(nworkers, master=master, workers=workers, **options)
+
+
+def stop(master: bool = True, workers: bool = True, **options) -> list[str]:
+    """Stop what ``start`` started (SLURM jobs or local processes); return what was stopped."""
+    return _launcher().stop(master=master, workers=workers, **options)
+
+
+@contextlib.contextmanager
+def allocate(nworkers: int, master: bool = True, workers: bool = True, **options) -> Iterator:
+    """``with allocate(n):`` a cluster that is stopped when the block ends, even on error."""
+    with _launcher().allocate(nworkers, master=master, workers=workers, **options) as info:
+        yield info
+
+
+def child_env(extra: Optional[dict] = None) -> dict:
+    """This environment plus the cw package's folder on PYTHONPATH, so ``python -m cw.*``
+    works in child processes and jobs when cw runs from a clone rather than an install."""
+    env = {**os.environ, **(extra or {})}
+    paths = [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
+                  known: frozenset = frozenset(),
+                  check: Optional[Callable[[], None]] = None) -> dict:
+    """Poll the master until it answers and ``nworkers`` workers not in ``known`` (names)
+    have registered; return its last status.
+
+    ``check`` is called between polls and may raise to fail early (e.g. a process died).
+    Raises LaunchError naming the master or the missing workers after ``timeout`` seconds.
+    """
+    from .status import status  # late: keeps this module importable without zmq
+
+    deadline = time.monotonic() + timeout
+    delay, info = 0.05, None
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            info = status(host, port, timeout=max(0.2, min(2.0, left)))
+            new = [w for w in info["workers"] if w["name"] not in known]
+            if len(new) >= nworkers:
+                return info
+        except MasterUnreachable:
+            info = None
+        if check is not None:
+            check()
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 1.0)
+    if info is None:
+        raise LaunchError(f"the cw master at {host}:{port} did not answer within {timeout:g} s")
+    got = len([w for w in info["workers"] if w["name"] not in known])
+    raise LaunchError(f"only {got} of {nworkers} workers registered with the cw master at "
+                      f"{host}:{port} within {timeout:g} s")

@@ -1,0 +1,83 @@
+"""``python -m cw.status [HOST]`` and ``cw.status.status()``: what the master is doing.
+
+    status() --DEALER: [STATUS]--> master --[STATUS_REPLY, {...}]--> dict
+
+The dict: ``master_id``, ``queue`` (jobs waiting), ``routed`` (results delivered),
+``discarded`` (results dropped because their client had gone), ``workers`` (name, host, pid,
+state, current job and for how long, jobs held, done, failures, seconds since last heard)
+and ``clients`` (name, host, pid, queued, running, done, submitted).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from typing import Optional
+
+import zmq
+
+from . import address
+from . import protocol as P
+from .errors import MasterUnreachable
+
+
+def status(host: Optional[str] = None, port: Optional[int] = None,
+           timeout: float = 5.0) -> dict:
+    """Ask the master for its state; raise MasterUnreachable if it does not answer in time."""
+    host, port = address.resolve(host, port)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IDENTITY, b"status-" + uuid.uuid4().bytes)
+    try:
+        sock.connect(f"tcp://{host}:{port}")
+        sock.send(P.pack(P.STATUS))
+        if not sock.poll(timeout * 1000):
+            raise MasterUnreachable(f"no cw master answered at {host}:{port} within "
+                                    f"{timeout:g} s")
+        header = P.unpack(sock.recv())
+        if header[0] != P.STATUS_REPLY:
+            raise MasterUnreachable(f"{host}:{port} answered with message kind {header[0]}")
+        return header[1]
+    finally:
+        sock.close()
+
+
+def format_table(info: dict) -> str:
+    """A human-readable summary of ``status()``'s dict."""
+    lines = [f"master {info['master_id'][:8]}: {len(info['workers'])} workers, "
+             f"{len(info['clients'])} clients, {info['queue']} jobs queued, "
+             f"{info['routed']} results routed"]
+    if info["workers"]:
+        lines.append(f"{'worker':<24} {'state':<5} {'held':>4} {'done':>8} {'fail':>5} "
+                     f"{'job s':>7} {'heard s':>7}")
+        for w in info["workers"]:
+            job_s = "" if w["job_seconds"] is None else f"{w['job_seconds']:.1f}"
+            lines.append(f"{w['name']:<24} {w['state']:<5} {w['held']:>4} {w['done']:>8} "
+                         f"{w['failures']:>5} {job_s:>7} {w['last_heartbeat']:>7.1f}")
+    if info["clients"]:
+        lines.append(f"{'client':<24} {'queued':>7} {'running':>7} {'done':>8}")
+        for c in info["clients"]:
+            lines.append(f"{c['name']:<24} {c['queued']:>7} {c['running']:>7} {c['done']:>8}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="cw-status", description="Show a cw master's state.")
+    parser.add_argument("host", nargs="?", default=None, help="the master's host[:port]")
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    try:
+        info = status(args.host, args.port, args.timeout)
+    except MasterUnreachable as exc:
+        print(f"cw-status: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=1) if args.json else format_table(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

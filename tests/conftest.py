@@ -1,0 +1,165 @@
+"""Fixtures that start real masters and workers as processes on loopback.
+
+Every process is started in its own session and stopped by its process group at teardown,
+also when the test fails; every wait is bounded. CW_HOME points at a per-test folder so
+connection files never touch the real home directory.
+"""
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cw.status import status  # noqa: E402
+
+# fast failure detection for tests (the defaults are 1 s / 10 s)
+HB = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2"]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition",
+             interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A child process in its own process group, stopped by pid at teardown."""
+
+    def __init__(self, argv: list[str], env: Optional[dict] = None, cwd=None,
+                 stdout=subprocess.PIPE):
+        self.argv = argv
+        self.log = Path(os.environ["CW_HOME"]) / f"proc-{time.monotonic_ns()}.log"
+        self.log_file = open(self.log, "wb")
+        self.popen = subprocess.Popen(argv, stdout=stdout, stderr=self.log_file,
+                                      env={**os.environ, **(env or {})}, cwd=cwd,
+                                      start_new_session=True)
+        self.pid = self.popen.pid
+
+    def readline(self, timeout: float = 15.0) -> str:
+        sel = selectors.DefaultSelector()
+        sel.register(self.popen.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            raise AssertionError(f"{self.argv} printed nothing within {timeout} s:\n"
+                                 f"{self.stderr()}")
+        return self.popen.stdout.readline().decode()
+
+    def stderr(self) -> str:
+        self.log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 10.0) -> Optional[int]:
+        """SIGTERM the group, SIGKILL it after ``timeout``; return the exit code."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.popen.wait(timeout)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        try:  # leftovers of the group (children of a killed supervisor)
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.log_file.close()
+        return self.popen.poll()
+
+
+class Master(Proc):
+    def __init__(self, *extra: str, port: int = 0, env: Optional[dict] = None):
+        super().__init__([sys.executable, "-m", "cw.master", "--host", "127.0.0.1",
+                          "--port", str(port), *HB, *extra], env=env)
+        line = self.readline()
+        assert "listening on tcp://" in line, line
+        self.port = int(line.rsplit(":", 1)[1])
+        self.host = "127.0.0.1"
+        self.address = f"{self.host}:{self.port}"
+
+    def status(self, timeout: float = 5.0) -> dict:
+        return status(self.host, self.port, timeout)
+
+    def wait_workers(self, n: int, timeout: float = 20.0) -> dict:
+        return wait_for(lambda: len((s := self.status())["workers"]) == n and s,
+                        timeout, f"{n} workers to register")
+
+
+class Workers(Proc):
+    def __init__(self, master: Master, n: int = 1, *extra: str, env: Optional[dict] = None):
+        super().__init__([sys.executable, "-m", "cw.worker", master.host, "--port",
+                          str(master.port), "-n", str(n), *extra], env=env,
+                         stdout=subprocess.DEVNULL)
+
+
+@pytest.fixture(autouse=True)
+def cw_home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "cw-home"
+    home.mkdir()
+    monkeypatch.setenv("CW_HOME", str(home))
+    monkeypatch.delenv("CW_MASTER", raising=False)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return home
+
+
+@pytest.fixture
+def procs():
+    """Start processes through this list; all are stopped at teardown."""
+    started: list[Proc] = []
+
+    class Starter:
+        def master(self, *extra, **kw) -> Master:
+            started.append(Master(*extra, **kw))
+            return started[-1]
+
+        def workers(self, master: Master, n: int = 1, *extra, wait: bool = True,
+                    **kw) -> Workers:
+            before = len(master.status()["workers"]) if wait else 0
+            started.append(Workers(master, n, *extra, **kw))
+            if wait:
+                master.wait_workers(before + n)
+            return started[-1]
+
+        def run(self, argv, **kw) -> Proc:
+            started.append(Proc(argv, **kw))
+            return started[-1]
+
+    yield Starter()
+    for proc in reversed(started):
+        proc.stop()
+
+
+@pytest.fixture
+def master(procs) -> Master:
+    return procs.master()
+
+
+@pytest.fixture
+def cluster(procs, master) -> Master:
+    """A master with 2 worker processes registered."""
+    procs.workers(master, 2)
+    return master

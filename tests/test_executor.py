@@ -1,0 +1,254 @@
+"""ClusterExecutor against a real master and 2 real worker processes."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from cw.client import ClusterExecutor
+from cw.errors import MasterUnreachable, RemoteException, SerializationError
+
+from conftest import wait_for
+
+
+def test_map_squares_with_a_lambda(cluster):
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        assert list(ex.map(lambda x: x * x, range(10))) == [x * x for x in range(10)]
+
+
+def test_closures_kwargs_and_many_jobs(cluster):
+    offset = 1000
+
+    def add(x, *, scale=1):
+        return offset + x * scale
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        futures = [ex.submit(add, i, scale=3) for i in range(2000)]
+        assert [f.result(timeout=60) for f in futures] == [offset + 3 * i for i in range(2000)]
+
+
+def test_map_chunksize_and_several_iterables(cluster):
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        got = list(ex.map(pow, range(50), [2] * 50, chunksize=7))
+    assert got == [i ** 2 for i in range(50)]
+
+
+def test_as_completed_and_wait(cluster):
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        futures = {ex.submit(str, i): i for i in range(20)}
+        assert sorted(f.result() for f in cf.as_completed(futures, timeout=30)) == \
+            sorted(str(i) for i in range(20))
+        done, not_done = cf.wait(list(futures), timeout=30)
+        assert len(done) == 20 and not not_done
+
+
+def test_remote_exception_keeps_its_type_and_remote_traceback(cluster):
+    def explode(x):
+        raise ValueError(f"bad value {x}")
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        future = ex.submit(explode, 7)
+        with pytest.raises(ValueError, match="bad value 7") as info:
+            future.result(timeout=30)
+        assert "explode" in str(info.value.__cause__)
+        assert "Traceback" in str(info.value.__cause__)
+        # the worker lives on
+        assert ex.submit(abs, -5).result(timeout=30) == 5
+
+
+class Unrebuildable(Exception):
+    def __init__(self, a, b):  # pickles, but cannot be re-created from its args
+        super().__init__(f"{a}-{b}")
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_remote_exception(cluster):
+    def fail():
+        raise Unrebuildable(1, 2)
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        with pytest.raises(RemoteException) as info:
+            ex.submit(fail).result(timeout=30)
+    assert info.value.type_name.endswith("Unrebuildable")
+    assert "fail" in info.value.remote_traceback
+
+
+def test_unpicklable_function_arguments_and_result_fail_only_that_job(cluster):
+    import threading
+    lock = threading.Lock()
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        bad_func = ex.submit(lambda: lock)            # closure over a lock: not picklable
+        bad_args = ex.submit(id, lock)
+        bad_result = ex.submit(threading.Lock)        # the result is not picklable
+        good = ex.submit(abs, -3)
+        for future in (bad_func, bad_args):
+            with pytest.raises(SerializationError, match="cannot pickle"):
+                future.result(timeout=30)
+        with pytest.raises(SerializationError, match="result"):
+            bad_result.result(timeout=30)
+        assert good.result(timeout=30) == 3
+
+
+def test_result_that_cannot_be_unpickled_by_the_client(cluster, tmp_path):
+    """The worker imports a module the client does not have; its result cannot unpickle."""
+    remote_only = tmp_path / "remote_only"
+    remote_only.mkdir()
+    (remote_only / "secretmod.py").write_text("class Thing:\n    pass\n")
+
+    def make(folder):
+        sys.path.insert(0, folder)
+        import secretmod
+        return secretmod.Thing()
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        with pytest.raises(SerializationError, match="unpickle the result"):
+            ex.submit(make, str(remote_only)).result(timeout=30)
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+
+
+def test_jobs_run_in_the_clients_directory_with_its_sys_path(cluster, tmp_path, monkeypatch):
+    lib = tmp_path / "clientlib"
+    lib.mkdir()
+    (lib / "clientmod.py").write_text("def where():\n    import os\n    return os.getcwd()\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(lib))
+    import clientmod
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        assert ex.submit(clientmod.where).result(timeout=30) == str(work)
+
+
+def test_running_only_once_started_and_cancel_of_a_queued_job(cluster, tmp_path):
+    """Two blocking jobs occupy both workers; a third waits; cancelling it means it never runs."""
+    gate = tmp_path / "gate"
+    ran = tmp_path / "ran"
+
+    def block(name):
+        import os, time
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return name
+
+    def mark():
+        open(ran, "w").close()
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        busy = [ex.submit(block, i) for i in range(2)]
+        wait_for(lambda: all(f.running() for f in busy), what="both blockers running")
+        queued = ex.submit(mark)
+        assert not queued.running()
+        assert queued.cancel() is True
+        assert queued.cancelled()
+        gate.touch()
+        assert [f.result(timeout=30) for f in busy] == [0, 1]
+        assert ex.submit(abs, -2).result(timeout=30) == 2  # the queue has moved past it
+    assert not ran.exists()
+
+
+def test_cancel_of_a_running_job_fails(cluster, tmp_path):
+    gate = tmp_path / "gate"
+
+    def block():
+        import os, time
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return "done"
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        future = ex.submit(block)
+        wait_for(future.running, what="job running")
+        assert future.cancel() is False
+        gate.touch()
+        assert future.result(timeout=30) == "done"
+
+
+def test_map_timeout(cluster, tmp_path):
+    gate = tmp_path / "gate"
+
+    def block(x):
+        import os, time
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return x
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        results = ex.map(block, range(4), timeout=0.5)
+        with pytest.raises(cf.TimeoutError):
+            next(results)
+        gate.touch()
+
+
+def test_shutdown_semantics(cluster, tmp_path):
+    gate = tmp_path / "gate"
+
+    def block(x):
+        import os, time
+        while not os.path.exists(gate):
+            time.sleep(0.01)
+        return x
+
+    ex = ClusterExecutor(cluster.host, cluster.port)
+    running = [ex.submit(block, i) for i in range(2)]
+    wait_for(lambda: all(f.running() for f in running), what="blockers running")
+    waiting = [ex.submit(block, i) for i in range(2, 6)]
+    gate.touch()
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert [f.result(timeout=0) for f in running] == [0, 1]
+    assert all(f.done() for f in waiting)
+    assert any(f.cancelled() for f in waiting)
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(abs, 1)
+
+
+def test_several_clients_share_one_master(cluster, procs, tmp_path):
+    script = tmp_path / "other_client.py"
+    script.write_text(
+        "import sys\n"
+        "from cw.client import ClusterExecutor\n"
+        "with ClusterExecutor('127.0.0.1', int(sys.argv[1])) as ex:\n"
+        "    got = list(ex.map(lambda x: -x, range(500)))\n"
+        "assert got == [-x for x in range(500)], got\n"
+        "print('ok', flush=True)\n")
+    other = procs.run([sys.executable, str(script), str(cluster.port)])
+    with ClusterExecutor(cluster.host, cluster.port) as a, \
+            ClusterExecutor(cluster.host, cluster.port) as b:
+        fa = [a.submit(abs, -i) for i in range(500)]
+        fb = [b.submit(str, i) for i in range(500)]
+        assert [f.result(timeout=60) for f in fa] == list(range(500))
+        assert [f.result(timeout=60) for f in fb] == [str(i) for i in range(500)]
+    assert other.readline(60).strip() == "ok"
+
+
+def test_workers_join_and_leave_while_clients_run(procs, master):
+    with ClusterExecutor(master.host, master.port) as ex:
+        futures = [ex.submit(abs, -i) for i in range(200)]
+        assert not any(f.done() for f in futures)  # no worker yet: all wait
+        first = procs.workers(master, 1)
+        assert [f.result(timeout=60) for f in futures] == list(range(200))
+        second = procs.workers(master, 1)
+        first.stop()
+        master.wait_workers(1)
+        assert list(ex.map(abs, range(-100, 0))) == list(range(100, 0, -1))
+        second.stop()
+    assert master.status()["workers"] == []
+
+
+def test_cw_master_environment_variable(cluster, monkeypatch):
+    monkeypatch.setenv("CW_MASTER", cluster.address)
+    with ClusterExecutor() as ex:
+        assert ex.submit(abs, -9).result(timeout=30) == 9
+
+
+def test_unreachable_master_fails_fast_and_typed():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with pytest.raises(MasterUnreachable, match=str(port)):
+        ClusterExecutor("127.0.0.1", port, connect_timeout=1)
