@@ -21,7 +21,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -78,8 +78,12 @@ class Master:
         self._write_connection_files()
         return f"tcp://{self.address}"
 
-    def run(self) -> None:
-        """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread."""
+    def run(self, ready: Optional[Callable[[str], None]] = None) -> None:
+        """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread.
+
+        ``ready(endpoint)`` is called once the socket is bound and the signal handlers are in
+        place, so a caller that waits for it can stop the master cleanly right away.
+        """
         if self.sock is None:
             self.bind()
         self.loop = IOLoop.current()
@@ -93,6 +97,8 @@ class Master:
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
         log.info("master %s listening on tcp://%s", self.state.master_id[:8], self.address)
+        if ready is not None:
+            ready(f"tcp://{self.address}")
         try:
             self.loop.start()
         finally:
@@ -239,9 +245,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
     master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
                     args.connection_file, args.max_message_size)
-    endpoint = master.bind()
-    print(f"cw master listening on {endpoint}", flush=True)
-    master.run()
+    master.bind()
+    master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
 
 
 if __name__ == "__main__":
