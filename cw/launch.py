@@ -58,13 +58,16 @@ def allocate(nworkers: int, master: bool = True, workers: bool = True, **options
         yield info
 
 
-def child_env(extra: Optional[dict] = None) -> dict:
-    """This environment plus the cw package's folder on PYTHONPATH, so ``python -m cw.*``
-    works in child processes and jobs when cw runs from a clone rather than an install."""
-    env = {**os.environ, **(extra or {})}
-    paths = [str(ROOT), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
-    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    return env
+def pythonpath() -> str:
+    """$PYTHONPATH with the cw package's folder in front, so ``python -m cw.*`` works in
+    child processes and jobs when cw runs from a clone rather than an install."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+def child_env() -> dict:
+    """This environment, with ``pythonpath()``: for local child processes."""
+    return {**os.environ, "PYTHONPATH": pythonpath()}
 
 
 def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
