@@ -103,3 +103,12 @@ def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
     got = len([w for w in info["workers"] if w["name"] not in known])
     raise LaunchError(f"only {got} of {nworkers} workers registered with the cw master at "
                       f"{host}:{port} within {timeout:g} s")
+
+
+def worker_names(host: str, port: int) -> frozenset:
+    """Names of the workers already registered with the master (none if it is silent)."""
+    from .status import status
+    try:
+        return frozenset(w["name"] for w in status(host, port, timeout=2.0)["workers"])
+    except MasterUnreachable:
+        return frozenset()

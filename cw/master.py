@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from . import address, cli
+from . import address, cli, security
 from . import protocol as P
 from .errors import ProtocolError
 from .scheduler import Client, Scheduler, Worker
@@ -46,12 +47,16 @@ class Master:
                  heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
                  connection_file: Optional[str] = None,
-                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE):
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 insecure: bool = False):
         self.bind_host = host
         self.port = port
         self.heartbeat_interval = heartbeat_interval
         self.extra_connection_file = connection_file
         self.max_message_size = max_message_size
+        self.insecure = insecure
+        self.keys: Optional[dict] = None
+        self.auth = None
         self.state = Scheduler(self._send, heartbeat_timeout)
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
@@ -71,12 +76,33 @@ class Master:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
         host = "*" if self.bind_host in ("", "0.0.0.0", "*") else self.bind_host
+        reachable = address.reachable_hostname(self.bind_host)
+        self._secure(sock, reachable)
         sock.bind(f"tcp://{host}:{self.port or '*'}")
         self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.sock = sock
-        self.address = f"{address.reachable_hostname(self.bind_host)}:{self.port}"
+        self.address = f"{reachable}:{self.port}"
         self._write_connection_files()
         return f"tcp://{self.address}"
+
+    def _secure(self, sock: zmq.Socket, reachable: str) -> None:
+        """CURVE keys and the ZAP handler, or a loud warning with --insecure."""
+        if self.insecure:
+            if not _is_loopback(self.bind_host):
+                raise SystemExit("cw-master: --insecure is only allowed when bound to loopback "
+                                 "(--host 127.0.0.1): anyone reaching the port could run code")
+            log.warning("running WITHOUT authentication or encryption (--insecure): any "
+                        "local user can submit code to this master")
+            return
+        old = address.master_connection_file(reachable, self.port) if self.port else None
+        self.keys = security.master_keys(old) if old else security.new_keys()
+        self.auth = security.start_authenticator(self.ctx, self.keys, log)
+        security.secure_server(sock, self.keys)
+        self.monitor = sock.get_monitor_socket(security.HANDSHAKE_FAILURES)
+
+    def _on_monitor(self, frames: list) -> None:
+        event = parse_monitor_message([f.bytes for f in frames])
+        log.warning("%s", security.describe_event(event))
 
     def run(self, ready: Optional[Callable[[str], None]] = None) -> None:
         """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread.
@@ -94,6 +120,9 @@ class Master:
             except (ValueError, RuntimeError):  # not the main thread
                 pass
         self.reader = SocketLoop(self.loop, self.sock, self.on_message, self.state.flush)
+        if self.keys is not None:
+            self.monitor_reader = SocketLoop(self.loop, self.monitor, self._on_monitor,
+                                             lambda: None)
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
         log.info("master %s listening on tcp://%s", self.state.master_id[:8], self.address)
@@ -119,14 +148,21 @@ class Master:
                 path.unlink(missing_ok=True)
         if self.sock is not None:
             self.reader.close()
+            if self.keys is not None:
+                self.monitor_reader.close()
+                self.sock.disable_monitor()
+                self.monitor.close(linger=0)
             self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         log.info("master stopped after routing %d results", self.state.routed)
 
     def _write_connection_files(self) -> None:
         host = self.address.rsplit(":", 1)[0]
         info = {"host": host, "port": self.port, "pid": os.getpid(),
-                "master_id": self.state.master_id, "started": time.time()}
+                "master_id": self.state.master_id, "started": time.time(),
+                "insecure": self.insecure, **(self.keys or {})}
         paths = [address.master_connection_file(host, self.port)]
         if self.extra_connection_file:
             paths.append(Path(self.extra_connection_file).expanduser())
@@ -236,6 +272,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_flag(parser, "--max-message-size", default=DEFAULT_MAX_MESSAGE_SIZE, cast=int,
                  help="largest message frame accepted, in bytes; a peer sending more is "
                       "disconnected")
+    cli.add_flag(parser, "--insecure", default=False, action="store_true",
+                 help="plain TCP without CurveZMQ keys, for experiments; only with a "
+                      "loopback --host")
     cli.add_logging_flags(parser)
     return parser.parse_args(argv)
 
@@ -244,9 +283,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
     master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
-                    args.connection_file, args.max_message_size)
+                    args.connection_file, args.max_message_size, args.insecure)
     master.bind()
     master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from . import address
-from .launch import LaunchError, child_env, wait_until_up
+from .launch import LaunchError, child_env, wait_until_up, worker_names
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -204,7 +204,7 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
         known: frozenset = frozenset()
         if workers and nworkers > 0:
             if not master:
-                known = _worker_names(host, port)
+                known = worker_names(host, port)
             argv = [sys.executable, "-m", "cw.worker", host, "--port", str(port),
                     "-n", str(nworkers), "--log-level", log_level]
             started.append(_launch("workers", argv, host, port, nworkers))
@@ -217,16 +217,6 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
         raise
     log.info("cw cluster up: master %s:%d, %d workers", host, port, len(info["workers"]))
     return Cluster(host, port, started, info)
-
-
-def _worker_names(host: str, port: int) -> frozenset:
-    """Names of the workers already registered with the master (none if it is silent)."""
-    from .errors import MasterUnreachable
-    from .status import status
-    try:
-        return frozenset(w["name"] for w in status(host, port, timeout=2.0)["workers"])
-    except MasterUnreachable:
-        return frozenset()
 
 
 # ------------------------------------------------------------------ stop

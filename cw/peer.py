@@ -27,6 +27,7 @@ import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import protocol as P
+from . import security
 from .errors import MasterUnreachable, ProtocolError
 from .zloop import SocketLoop
 
@@ -50,6 +51,8 @@ class Connection:
                  after_batch: Callable[[], None] = lambda: None,
                  logger: Optional[logging.Logger] = None):
         self.endpoint = f"tcp://{host}:{port}"
+        self.host, self.port = host, port
+        self.keys = security.keys_for(host, port)
         self.role = role
         self.info = info
         self.handler = handler
@@ -79,8 +82,11 @@ class Connection:
         self._ready.wait()
         if not self.welcomed.wait(timeout):
             self.close()
+            hint = ("" if self.keys else "; no connection file with its keys was found under "
+                    f"{security.address.cw_home()} (is CW_HOME the master's?)")
             raise MasterUnreachable(f"no cw master answered at {self.endpoint} within "
-                                    f"{timeout:g} s (is `python -m cw.master` running there?)")
+                                    f"{timeout:g} s (is `python -m cw.master` running "
+                                    f"there?{hint})")
         if self.refused:
             self.close()
             raise ProtocolError(f"the master at {self.endpoint} refused us: {self.refused}")
@@ -113,27 +119,43 @@ class Connection:
     def _run(self) -> None:
         self.loop = IOLoop(make_current=False)
         self.ctx = zmq.Context()
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 2000),
-                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
-            sock.setsockopt(opt, value)
-        sock.connect(self.endpoint)
-        self.sock = sock
+        self.sock = self._connect()
         self.loop.add_callback(self._begin)
         self._ready.set()
         try:
             self.loop.start()
         finally:  # linger only to deliver BYE to a master that knows us
-            sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
+            self.sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
             self.loop.close(all_fds=False)
+
+    def _connect(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.identity)
+        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 2000),
+                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
+            sock.setsockopt(opt, value)
+        security.secure_client(sock, self.keys)
+        sock.connect(self.endpoint)
+        return sock
 
     def _begin(self) -> None:
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, self.after_batch)
         self._hello()
         self.ticker = PeriodicCallback(self._tick, self.heartbeat_interval * 1000)
         self.ticker.start()
+
+    def _rekey_if_changed(self) -> None:
+        """A master restarted with new keys: reconnect with the keys of its new file."""
+        keys = security.keys_for(self.host, self.port)
+        if keys is None or keys == self.keys:
+            return
+        self.log.info("the master's keys changed; reconnecting with the new ones")
+        self.keys = keys
+        self.reader.close()
+        self.sock.close(linger=0)
+        self.sock = self._connect()
+        self.reader = SocketLoop(self.loop, self.sock, self._on_message, self.after_batch)
 
     def _hello(self) -> None:
         self.send([P.pack(P.HELLO, P.VERSION, self.role, self.info)])
@@ -151,6 +173,7 @@ class Connection:
         if silent > self.heartbeat_timeout:
             if now - self._said_hello > self.heartbeat_timeout:
                 self._said_hello = now
+                self._rekey_if_changed()
                 self.log.warning("master %s silent for %.0f s; saying HELLO again",
                                  self.endpoint, silent)
                 self._hello()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import zmq
 
-from . import address
+from . import address, security
 from . import protocol as P
 from .errors import MasterUnreachable
 
@@ -31,6 +31,7 @@ def status(host: Optional[str] = None, port: Optional[int] = None,
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"status-" + uuid.uuid4().bytes)
     try:
+        security.secure_client(sock, security.keys_for(host, port))
         sock.connect(f"tcp://{host}:{port}")
         sock.send(P.pack(P.STATUS))
         if not sock.poll(timeout * 1000):

@@ -12,6 +12,7 @@ import pytest
 import zmq
 
 from cw import protocol as P
+from cw import security
 from cw.client import ClusterExecutor
 from cw.errors import ProtocolError
 
@@ -22,6 +23,7 @@ def dealer(master):
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+    security.secure_client(sock, security.keys_for(master.host, master.port))
     sock.connect(f"tcp://{master.host}:{master.port}")
     return sock
 

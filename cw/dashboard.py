@@ -1,0 +1,317 @@
+"""A read-only web dashboard served by the master itself: ``--dashboard PORT``.
+
+    master's IOLoop (the only thread that touches the Scheduler)
+      PeriodicCallback(1 s) --> Throughput ring buffer: (wall time, monotonic, routed, queue)
+      GET /             --> PAGE: one self-contained HTML page (inline CSS + JS, no assets)
+      GET /status.json  --> Scheduler.status(now) + throughput_last_minute + series
+                                 ^
+      browser: fetch("/status.json") every second, redraws tables and a <canvas> chart
+
+Everything runs on the master's event loop, so the handlers read the Scheduler without locks;
+they only read. There is no authentication: the default bind address is 127.0.0.1; reach a
+remote master's dashboard with ``ssh -L PORT:127.0.0.1:PORT master-node``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Optional
+
+from tornado.httpserver import HTTPServer
+from tornado.ioloop import PeriodicCallback
+from tornado.netutil import bind_sockets
+from tornado.web import Application, RequestHandler
+
+from .errors import CwError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .master import Master
+
+log = logging.getLogger("cw.dashboard")
+
+SAMPLE_INTERVAL = 1.0   # seconds between throughput samples
+HISTORY = 600           # samples kept: ten minutes at one per second
+WINDOW = 60.0           # seconds averaged by throughput_last_minute
+
+
+class DashboardError(CwError):
+    """The dashboard could not start (its port is taken, its address is not local...)."""
+
+
+class Throughput:
+    """A ring buffer of (wall, monotonic, routed, queue) samples and the rates they imply."""
+
+    def __init__(self, maxlen: int = HISTORY):
+        self.samples: deque[tuple[float, float, int, int]] = deque(maxlen=maxlen)
+
+    def add(self, wall: float, mono: float, routed: int, queue: int) -> None:
+        """Record one sample; the master calls this once per SAMPLE_INTERVAL."""
+        self.samples.append((wall, mono, routed, queue))
+
+    def rate(self, mono: float, routed: int, window: float = WINDOW) -> float:
+        """Results per second between the oldest sample inside ``window`` and now."""
+        oldest = next((s for s in self.samples if s[1] >= mono - window), None)
+        if oldest is None or mono - oldest[1] <= 0:
+            return 0.0
+        return max(0, routed - oldest[2]) / (mono - oldest[1])
+
+    def series(self) -> list[list]:
+        """``[wall time, routed, results/s since the previous sample, queue]`` per sample."""
+        out, prev = [], None
+        for wall, mono, routed, queue in self.samples:
+            rate = 0.0 if prev is None or mono <= prev[1] else \
+                max(0, routed - prev[2]) / (mono - prev[1])
+            out.append([round(wall, 3), routed, round(rate, 3), queue])
+            prev = (wall, mono, routed, queue)
+        return out
+
+
+class DashboardServer(HTTPServer):
+    """The dashboard's HTTP server; ``stop()`` also stops its sampling, ``url`` is its address."""
+
+    url: str = ""
+    sampler: Optional[PeriodicCallback] = None
+
+    def stop(self) -> None:
+        if self.sampler is not None:
+            self.sampler.stop()
+        super().stop()
+
+
+def snapshot(master: "Master", throughput: Throughput) -> dict:
+    """What ``/status.json`` returns: the master's status plus throughput history."""
+    mono = time.monotonic()
+    info = master.state.status(mono)
+    info["time"] = time.time()
+    info["throughput_last_minute"] = round(throughput.rate(mono, info["routed"]), 3)
+    info["series"] = throughput.series()
+    return info
+
+
+class PageHandler(RequestHandler):
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-store")
+        self.write(PAGE)
+
+
+class StatusHandler(RequestHandler):
+    def initialize(self, master: "Master", throughput: Throughput) -> None:
+        self.master = master
+        self.throughput = throughput
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.write(json.dumps(snapshot(self.master, self.throughput)))
+
+
+def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTTPServer:
+    """Serve the dashboard for ``master`` on ``host:port`` (0: a free port) from its IOLoop.
+
+    Call it on the master's loop thread (``Master.run`` does, once the loop exists). The
+    returned server's ``url`` attribute is where it listens; its ``stop()`` stops it.
+    """
+    throughput = Throughput()
+
+    def sample() -> None:
+        state = master.state
+        throughput.add(time.time(), time.monotonic(), state.routed, state.queued)
+
+    app = Application([(r"/", PageHandler),
+                       (r"/status\.json", StatusHandler,
+                        {"master": master, "throughput": throughput})])
+    try:
+        sockets = bind_sockets(port, host)
+    except OSError as exc:
+        raise DashboardError(f"cannot serve the dashboard on {host}:{port}: {exc}") from exc
+    server = DashboardServer(app)
+    server.add_sockets(sockets)
+    bound = sockets[0].getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    server.url = f"http://{shown}:{bound[1]}/"
+    sample()
+    server.sampler = PeriodicCallback(sample, SAMPLE_INTERVAL * 1000)
+    server.sampler.start()
+    log.info("dashboard on %s", server.url)
+    return server
+
+
+PAGE = r"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>cw master</title>
+<style>
+ :root { --fg:#1d2330; --muted:#6b7385; --line:#e3e6ec; --bg:#f6f7f9; --card:#fff;
+         --accent:#2f6fde; --busy:#d97a00; --idle:#2e9d5b; --bad:#c8372d; }
+ * { box-sizing: border-box; }
+ body { margin:0; font:14px/1.4 system-ui, -apple-system, "Segoe UI", sans-serif;
+        color:var(--fg); background:var(--bg); }
+ header { display:flex; align-items:baseline; gap:1em; padding:14px 24px;
+          background:var(--fg); color:#fff; }
+ header h1 { font-size:18px; margin:0; font-weight:600; }
+ header .sub { color:#b9c0cf; font-size:13px; }
+ #conn { margin-left:auto; font-size:13px; }
+ #conn.ok::before { content:"\25CF "; color:#4cd483; }
+ #conn.down::before { content:"\25CF "; color:#ff6b5e; }
+ main { padding:18px 24px; max-width:1200px; }
+ .tiles { display:grid; grid-template-columns:repeat(auto-fit, minmax(150px, 1fr));
+          gap:12px; margin-bottom:16px; }
+ .tile, section { background:var(--card); border:1px solid var(--line); border-radius:8px; }
+ .tile { padding:10px 14px; }
+ .tile .v { font-size:26px; font-weight:600; font-variant-numeric:tabular-nums; }
+ .tile .k { color:var(--muted); font-size:12px; text-transform:uppercase;
+            letter-spacing:.04em; }
+ section { padding:12px 14px; margin-bottom:16px; }
+ section h2 { font-size:14px; margin:0 0 8px; color:var(--muted); font-weight:600;
+              text-transform:uppercase; letter-spacing:.04em; }
+ canvas { width:100%; height:180px; display:block; }
+ table { width:100%; border-collapse:collapse; font-variant-numeric:tabular-nums; }
+ th, td { text-align:left; padding:5px 8px; border-bottom:1px solid var(--line);
+          white-space:nowrap; }
+ th { color:var(--muted); font-weight:600; font-size:12px; }
+ td.n, th.n { text-align:right; }
+ .state { display:inline-block; padding:0 8px; border-radius:10px; color:#fff;
+          font-size:12px; }
+ .state.busy { background:var(--busy); } .state.idle { background:var(--idle); }
+ .empty { color:var(--muted); font-style:italic; }
+ .bad { color:var(--bad); font-weight:600; }
+</style></head>
+<body>
+<header><h1>cw master</h1><span class="sub" id="master">connecting&hellip;</span>
+<span id="conn" class="down">waiting</span></header>
+<main>
+<div class="tiles">
+ <div class="tile"><div class="v" id="n-workers">&ndash;</div><div class="k">workers</div></div>
+ <div class="tile"><div class="v" id="n-busy">&ndash;</div><div class="k">busy</div></div>
+ <div class="tile"><div class="v" id="queue">&ndash;</div><div class="k">queued jobs</div></div>
+ <div class="tile"><div class="v" id="routed">&ndash;</div><div class="k">results routed</div></div>
+ <div class="tile"><div class="v" id="rate">&ndash;</div><div class="k">results/s, last min</div></div>
+ <div class="tile"><div class="v" id="n-clients">&ndash;</div><div class="k">clients</div></div>
+</div>
+<section><h2>Throughput (results/s) <span id="chart-span"></span></h2>
+<canvas id="chart" width="1100" height="180"></canvas></section>
+<section><h2>Workers</h2><table id="workers"><thead><tr>
+ <th>name</th><th>host</th><th class="n">pid</th><th>state</th><th>job</th>
+ <th class="n">job s</th><th class="n">held</th><th class="n">done</th>
+ <th class="n">failures</th><th class="n">heard s ago</th></tr></thead>
+ <tbody><tr><td class="empty" colspan="10">no workers</td></tr></tbody></table></section>
+<section><h2>Clients</h2><table id="clients"><thead><tr>
+ <th>name</th><th>host</th><th class="n">pid</th><th class="n">queued</th>
+ <th class="n">running</th><th class="n">done</th><th class="n">submitted</th></tr></thead>
+ <tbody><tr><td class="empty" colspan="7">no clients</td></tr></tbody></table></section>
+<div class="sub" style="color:var(--muted)">discarded results: <span id="discarded">&ndash;</span>
+ &middot; updated <span id="updated">never</span></div>
+</main>
+<script>
+"use strict";
+const $ = (id) => document.getElementById(id);
+const fmt = (x, d) => (x === null || x === undefined) ? "" :
+  Number(x).toLocaleString("en-US", {maximumFractionDigits: d || 0});
+
+function setText(id, text) { $(id).textContent = text; }
+
+function fillTable(id, rows, cells, empty) {
+  const body = $(id).tBodies[0];
+  body.replaceChildren();
+  if (!rows.length) {
+    const td = body.insertRow().insertCell();
+    td.colSpan = $(id).tHead.rows[0].cells.length;
+    td.className = "empty"; td.textContent = empty;
+    return;
+  }
+  for (const row of rows) {
+    const tr = body.insertRow();
+    for (const [value, cls] of cells(row)) {
+      const td = tr.insertCell();
+      if (cls) td.className = cls;
+      if (value instanceof Node) td.appendChild(value); else td.textContent = value;
+    }
+  }
+}
+
+function badge(state) {
+  const span = document.createElement("span");
+  span.className = "state " + state; span.textContent = state;
+  return span;
+}
+
+function workerCells(w) {
+  return [[w.name], [w.host], [w.pid, "n"], [badge(w.state)],
+          [w.job ? w.job[0] + " #" + w.job[1] : ""], [fmt(w.job_seconds, 1), "n"],
+          [w.held, "n"], [fmt(w.done), "n"], [w.failures, w.failures ? "n bad" : "n"],
+          [fmt(w.last_heartbeat, 1), "n"]];
+}
+
+function clientCells(c) {
+  return [[c.name], [c.host], [c.pid, "n"], [fmt(c.queued), "n"], [fmt(c.running), "n"],
+          [fmt(c.done), "n"], [fmt(c.submitted), "n"]];
+}
+
+function drawChart(series) {
+  const canvas = $("chart"), ratio = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 1100, h = canvas.clientHeight || 180;
+  canvas.width = w * ratio; canvas.height = h * ratio;
+  const g = canvas.getContext("2d");
+  g.scale(ratio, ratio); g.clearRect(0, 0, w, h);
+  const left = 48, right = 8, top = 8, bottom = 22;
+  const pts = series.slice(1);  // the first sample has no rate
+  const tEnd = series.length ? series[series.length - 1][0] : 0;
+  const tStart = series.length ? series[0][0] : 0;
+  const span = Math.max(tEnd - tStart, 10);
+  const maxRate = Math.max(1, ...pts.map((p) => p[2])) * 1.1;
+  const x = (t) => left + (w - left - right) * (1 - (tEnd - t) / span);
+  const y = (r) => top + (h - top - bottom) * (1 - r / maxRate);
+  g.font = "11px system-ui, sans-serif"; g.fillStyle = "#6b7385"; g.strokeStyle = "#e3e6ec";
+  for (let i = 0; i <= 4; i++) {
+    const r = maxRate * i / 4, yy = y(r);
+    g.beginPath(); g.moveTo(left, yy); g.lineTo(w - right, yy); g.stroke();
+    g.textAlign = "right"; g.fillText(fmt(r, r < 10 ? 1 : 0), left - 6, yy + 4);
+  }
+  g.textAlign = "center";
+  for (let s = 0; s <= span; s += span > 300 ? 120 : span > 60 ? 30 : 10) {
+    g.fillText(s ? "-" + s + " s" : "now", x(tEnd - s), h - 6);
+  }
+  setText("chart-span", "\u00b7 last " + Math.round(span) + " s");
+  if (pts.length < 1) return;
+  g.beginPath(); g.moveTo(x(pts[0][0]), y(0));
+  for (const p of pts) g.lineTo(x(p[0]), y(p[2]));
+  g.lineTo(x(pts[pts.length - 1][0]), y(0)); g.closePath();
+  g.fillStyle = "rgba(47,111,222,0.15)"; g.fill();
+  g.beginPath();
+  pts.forEach((p, i) => i ? g.lineTo(x(p[0]), y(p[2])) : g.moveTo(x(p[0]), y(p[2])));
+  g.strokeStyle = "#2f6fde"; g.lineWidth = 2; g.stroke();
+}
+
+function render(s) {
+  setText("master", s.master_id.slice(0, 8));
+  setText("n-workers", s.workers.length);
+  setText("n-busy", s.workers.filter((w) => w.state === "busy").length);
+  setText("queue", fmt(s.queue));
+  setText("routed", fmt(s.routed));
+  setText("rate", fmt(s.throughput_last_minute, 1));
+  setText("n-clients", s.clients.length);
+  setText("discarded", fmt(s.discarded));
+  setText("updated", new Date(s.time * 1000).toLocaleTimeString());
+  fillTable("workers", s.workers, workerCells, "no workers");
+  fillTable("clients", s.clients, clientCells, "no clients");
+  drawChart(s.series);
+}
+
+async function poll() {
+  try {
+    const reply = await fetch("status.json", {cache: "no-store"});
+    if (!reply.ok) throw new Error("HTTP " + reply.status);
+    render(await reply.json());
+    $("conn").className = "ok"; $("conn").textContent = "live";
+  } catch (err) {
+    $("conn").className = "down"; $("conn").textContent = "master unreachable";
+  }
+}
+poll();
+setInterval(poll, 1000);
+</script>
+</body></html>
+"""
