@@ -154,8 +154,8 @@ PAGE = r"""<!DOCTYPE html>
  header h1 { font-size:18px; margin:0; font-weight:600; }
  header .sub { color:#b9c0cf; font-size:13px; }
  #conn { margin-left:auto; font-size:13px; }
- #conn.ok::before { content:"\25CF "; color:#4cd483; }
- #conn.down::before { content:"\25CF "; color:#ff6b5e; }
+ #conn.ok::before { content:"\25CF\00A0"; color:#4cd483; }
+ #conn.down::before { content:"\25CF\00A0"; color:#ff6b5e; }
  main { padding:18px 24px; max-width:1200px; }
  .tiles { display:grid; grid-template-columns:repeat(auto-fit, minmax(150px, 1fr));
           gap:12px; margin-bottom:16px; }
@@ -270,8 +270,8 @@ function drawChart(series) {
     g.beginPath(); g.moveTo(left, yy); g.lineTo(w - right, yy); g.stroke();
     g.textAlign = "right"; g.fillText(fmt(r, r < 10 ? 1 : 0), left - 6, yy + 4);
   }
-  g.textAlign = "center";
   for (let s = 0; s <= span; s += span > 300 ? 120 : span > 60 ? 30 : 10) {
+    g.textAlign = s ? "center" : "right";
     g.fillText(s ? "-" + s + " s" : "now", x(tEnd - s), h - 6);
   }
   setText("chart-span", "\u00b7 last " + Math.round(span) + " s");
