@@ -1,0 +1,4 @@
+"""Entry point for ``python -m bench``; see :mod:`bench.run`."""
+from bench.run import main
+
+raise SystemExit(main())
