@@ -159,12 +159,15 @@ def _check_running(procs: list[Proc]) -> None:
                               f"{proc.log}:\n{tail}")
 
 
-def _start_master(port: int, bind: str, log_level: str, timeout: float) -> Proc:
-    """Start the master and wait (bounded) for its connection file to name its port."""
+def _start_master(port: int, bind: str, log_level: str, timeout: float,
+                  started: list[Proc]) -> Proc:
+    """Start the master (appended to ``started`` at once) and wait (bounded) for its
+    connection file to name its port."""
     conn = address.default_connection_file()
     argv = [sys.executable, "-m", "cw.master", "--host", bind, "--port", str(port),
             "--connection-file", str(conn), "--log-level", log_level]
     proc = _launch("master", argv, "?", port)
+    started.append(proc)
     deadline = time.monotonic() + timeout
     while True:
         info = address.read_connection_file(conn)
@@ -196,9 +199,9 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
     deadline = time.monotonic() + timeout
     try:
         if master:
-            started.append(_start_master(DEFAULT_PORT if port is None else port, bind,
-                                         log_level, timeout))
-            host, port = started[0].host, started[0].port
+            proc = _start_master(DEFAULT_PORT if port is None else port, bind, log_level,
+                                 timeout, started)
+            host, port = proc.host, proc.port
         else:
             host, port = address.resolve(host, port)
         known: frozenset = frozenset()

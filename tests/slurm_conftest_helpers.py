@@ -1,0 +1,58 @@
+"""Helpers for the launcher tests (test_mp.py, test_slurm.py): processes by pid, SLURM state."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def pids_of(info: dict) -> set[int]:
+    """The worker pids a ``cw.status.status()`` answer lists."""
+    return {int(w["pid"]) for w in info["workers"]}
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def processes_with_env(entry: str) -> list[int]:
+    """Live processes (not this one) whose environment holds ``entry``, e.g. ``CW_HOME=/x``:
+    what a test started, wherever SLURM put it."""
+    found = []
+    needle = entry.encode() + b"\0"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes() + b"\0"
+        except OSError:
+            continue
+        if b"\0" + needle in b"\0" + environ and alive(int(proc.name)):
+            found.append(int(proc.name))
+    return found
+
+
+def slurm_problem() -> str:
+    """Why the SLURM tests cannot run here ("" if `sinfo` answers)."""
+    if not shutil.which("sinfo") or not shutil.which("sbatch"):
+        return "SLURM is not installed (no sinfo/sbatch on PATH)"
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True,
+                              timeout=10)
+    except subprocess.TimeoutExpired:
+        return "SLURM is not running (sinfo timed out)"
+    if proc.returncode != 0:
+        return f"SLURM is not running (sinfo: {proc.stderr.strip()})"
+    return ""
