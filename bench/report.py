@@ -201,6 +201,16 @@ def write_json(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1, sort_keys=False) + "\n")
 
 
+def _shade_cw_better(ax, metrics: list[Metric]) -> None:
+    """Tint, per metric group, the side of 1.0 on which cw beats the peer."""
+    low, high = ax.get_ylim()
+    for j, metric in enumerate(metrics):
+        lo, hi = (1.0, high) if metric.higher_is_better else (low, 1.0)
+        ax.fill_between([j - 0.45, j + 0.45], lo, hi, color="tab:green", alpha=0.08,
+                        linewidth=0)
+    ax.set_ylim(low, high)
+
+
 def write_png(path: Path, rats: dict[str, dict[str, float]], title: str) -> str | None:
     """Grouped bars of cw/peer per metric on a log axis; returns an error text or None."""
     try:
@@ -223,10 +233,11 @@ def write_png(path: Path, rats: dict[str, dict[str, float]], title: str) -> str 
                      fontsize=7, padding=1)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    _shade_cw_better(ax, metrics)
     ax.set_xticks(range(len(metrics)))
     ax.set_xticklabels([f"{m.label}\n({'>' if m.higher_is_better else '<'}1: cw better)"
                         for m in metrics], fontsize=8)
-    ax.set_ylabel("cw / peer (median)")
+    ax.set_ylabel("cw / peer (median); shaded side: cw better")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()

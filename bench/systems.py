@@ -96,7 +96,7 @@ class ExecutorSystem(System):
         _, pending = cf.wait(futures, timeout=timeout)
         if pending:
             raise TimeoutError(f"{len(pending)} of {len(futures)} jobs "
-                               f"unfinished after {timeout:.0f}s")
+                               f"unfinished after {timeout:g} s")
         return [f.result() for f in futures]
 
     def map(self, fn, items, timeout):
@@ -262,7 +262,7 @@ class IpyparallelSystem(System):
 
     def gather(self, futures, timeout):
         if not self.client.wait(futures, timeout=timeout):
-            raise TimeoutError(f"ipyparallel: jobs unfinished after {timeout:.0f}s")
+            raise TimeoutError(f"ipyparallel: jobs unfinished after {timeout:g} s")
         return [f.get() for f in futures]
 
     def map(self, fn, items, timeout):
