@@ -70,6 +70,15 @@ def child_env() -> dict:
     return {**os.environ, "PYTHONPATH": pythonpath()}
 
 
+def log_tail(path: os.PathLike | str, lines: int = 10) -> str:
+    """The last ``lines`` lines of a log file, indented, for error messages."""
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"    (cannot read {path}: {exc})"
+    return "\n".join("    " + line for line in text)
+
+
 def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
                   known: frozenset = frozenset(),
                   check: Optional[Callable[[], None]] = None) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from . import address
-from .launch import LaunchError, child_env, wait_until_up, worker_names
+from .launch import LaunchError, child_env, log_tail, wait_until_up, worker_names
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -154,9 +154,8 @@ def _check_running(procs: list[Proc]) -> None:
     """Raise LaunchError with the end of its log if one of ``procs`` has exited."""
     for proc in procs:
         if not _alive(proc.pid):
-            tail = "\n".join(Path(proc.log).read_text(errors="replace").splitlines()[-10:])
             raise LaunchError(f"the {proc.describe()} exited during start; end of "
-                              f"{proc.log}:\n{tail}")
+                              f"{proc.log}:\n{log_tail(proc.log)}")
 
 
 def _start_master(port: int, bind: str, log_level: str, timeout: float,

@@ -34,7 +34,7 @@ from typing import Iterator, Optional, Sequence
 
 from . import address
 from .errors import MasterUnreachable
-from .launch import LaunchError, pythonpath, wait_until_up, worker_names
+from .launch import LaunchError, log_tail, pythonpath, wait_until_up, worker_names
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -247,8 +247,9 @@ class _Watch:
         for name, jid in self.submitted.items():
             job = found.get(jid)
             if job is None:
-                raise LaunchError(f"{name} job {jid} ended during start; see "
-                                  f"{address.cw_home() / 'logs' / f'{name}-{jid}.log'}")
+                path = address.cw_home() / "logs" / f"{name}-{jid}.log"
+                raise LaunchError(f"{name} job {jid} ended during start; end of {path}:\n"
+                                  f"{log_tail(path)}")
             if job.state == "PENDING":
                 if self.said.get(jid) != job.reason:
                     log.info("%s job %s is PENDING (reason: %s)", name, jid, job.reason)

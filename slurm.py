@@ -1,0 +1,14 @@
+#!/usr/bin/env python3
+"""Start, stop or show a cw master and workers as SLURM jobs: ``./slurm.py -n N start|stop|status``.
+
+A thin wrapper around ``cw.slurm.main`` that works from a clone (no install needed).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from cw.slurm import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The SLURM launcher (cw.slurm, ./slurm.py) against a real SLURM.
+
+Needs a running SLURM where this user may submit (CI: ``tests/slurm/local_slurm.sh start``
+as root first); skips otherwise. Each test has its own CW_HOME (conftest), which the jobs
+inherit, so "no process left behind" means: no live process with that CW_HOME.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cw import launch, slurm
+from cw.client import ClusterExecutor
+from cw.launch import LaunchError
+from cw.status import status
+
+from slurm_conftest_helpers import ROOT, parent_of, pids_of, processes_with_env, slurm_problem
+
+_problem = slurm_problem()
+pytestmark = [pytest.mark.slurm,
+              pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")]
+
+
+@pytest.fixture
+def cw_jobs(cw_home):
+    """Refuses to touch a user's own cw jobs; cancels the test's jobs at teardown."""
+    if slurm.jobs():
+        pytest.skip("this user already has cmaster/cworkers jobs in squeue; not touching them")
+    yield cw_home
+    slurm.stop()
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "slurm.py"), *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(90)
+def test_cli_start_runs_jobs_on_four_workers_and_stop_leaves_nothing(cw_jobs):
+    started = run_cli("-n", "4", "--port", "0", "--timeout", "45", "start")
+    assert started.returncode == 0, started.stderr
+    names = {j.name: j.state for j in slurm.jobs()}
+    assert names == {"cmaster": "RUNNING", "cworkers": "RUNNING"}
+
+    info = status()  # host=None: $CW_HOME/default.json, written by the master job
+    assert len(info["workers"]) == 4
+    with ClusterExecutor() as ex:
+        assert list(ex.map(pow, range(40), [2] * 40)) == [i * i for i in range(40)]
+        assert set(ex.map(lambda _: os.getpid(), range(40))) <= pids_of(info)
+
+    shown = run_cli("status")
+    assert shown.returncode == 0, shown.stderr
+    assert "cmaster job" in shown.stdout and "4 workers" in shown.stdout
+
+    ours = processes_with_env(f"CW_HOME={cw_jobs}")
+    assert pids_of(info) <= set(ours) and {parent_of(p) for p in pids_of(info)} <= set(ours)
+    stopped = run_cli("stop")
+    assert "stopped cmaster job" in stopped.stdout and "stopped cworkers job" in stopped.stdout
+    assert slurm.jobs() == []
+    assert processes_with_env(f"CW_HOME={cw_jobs}") == []
+    assert "nothing to stop" in run_cli("stop").stdout
+
+
+@pytest.mark.timeout(60)
+def test_a_pending_master_fails_start_with_slurms_reason(cw_jobs):
+    with pytest.raises(LaunchError, match=r"cmaster job \d+ still PENDING after 2 s "
+                                          r"\(reason: (?!None)\w+\)"):
+        slurm.start(1, port=0, master_options=["--cpus-per-task=1024"], timeout=30,
+                    pending_timeout=2)
+    assert slurm.jobs() == []  # start cancelled what it had submitted
+
+
+@pytest.mark.timeout(90)
+def test_launch_chooses_slurm_and_allocate_cancels_on_error(cw_jobs):
+    assert launch.slurm_available()
+    with pytest.raises(RuntimeError, match="boom"):
+        with launch.allocate(2, port=0, timeout=45) as cluster:
+            assert isinstance(cluster, slurm.SlurmCluster)
+            assert len(status()["workers"]) == 2
+            assert {j.name for j in slurm.jobs()} == {"cmaster", "cworkers"}
+            raise RuntimeError("boom")
+    assert slurm.jobs() == []
+    assert processes_with_env(f"CW_HOME={cw_jobs}") == []
+
+
+@pytest.mark.timeout(30)
+def test_master_host_is_none_without_a_master_job(cw_jobs):
+    assert slurm.master_host() is None
+    assert slurm.master_address(timeout=0.3) is None
