@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 from .errors import RemoteException, SerializationError
 from .peer import DEFAULT_CONNECT_TIMEOUT
+from .scheduler import DEFAULT_MAX_RETRIES
 from .session import DEFAULT_MASTER_TIMEOUT, Session
 
 log = logging.getLogger("cw.client")
@@ -67,8 +68,10 @@ class ClusterExecutor(Executor):
     """
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
+                 max_retries: int = DEFAULT_MAX_RETRIES, timeout: Optional[float] = None,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+        self._opts = job_options(max_retries, timeout)
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: dict[int, CwFuture] = {}
@@ -78,12 +81,23 @@ class ClusterExecutor(Executor):
     # ---------------------------------------------------------------- Executor API
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; a pickling failure fails the future."""
+        return self._submit(fn, args, kwargs, self._opts)
+
+    def options(self, *, max_retries: Optional[int] = None,
+                timeout: Optional[float] = None) -> "ExecutorOptions":
+        """A view of this executor whose ``submit``/``map`` use other job options."""
+        base = self._opts or {}
+        return ExecutorOptions(self, job_options(
+            base.get("max_retries", DEFAULT_MAX_RETRIES) if max_retries is None else max_retries,
+            base.get("timeout") if timeout is None else timeout))
+
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, opts: Optional[dict]) -> Future:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             future = CwFuture(self)
             try:
-                future._seq = self._session.submit(fn, args, kwargs, future)
+                future._seq = self._session.submit(fn, args, kwargs, future, opts)
             except SerializationError as exc:
                 future.set_exception(exc)
             else:
@@ -93,13 +107,17 @@ class ClusterExecutor(Executor):
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
             chunksize: int = 1) -> Iterator:
         """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per job."""
+        return self._map_with(self._opts, fn, iterables, timeout, chunksize)
+
+    def _map_with(self, opts: Optional[dict], fn: Callable, iterables: tuple,
+                  timeout: Optional[float], chunksize: int) -> Iterator:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         if chunksize == 1:
-            return self._map(fn, zip(*iterables), timeout)
+            return self._map(fn, zip(*iterables), timeout, opts)
         chunks = self._map(partial(_process_chunk, fn), _get_chunks(*iterables,
                                                                       chunksize=chunksize),
-                           timeout, star=False)
+                           timeout, opts, star=False)
         return _chain_from_iterable_of_lists(chunks)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -127,10 +145,10 @@ class ClusterExecutor(Executor):
         return cancelled
 
     def _map(self, fn: Callable, arg_tuples: Iterable, timeout: Optional[float],
-             star: bool = True) -> Iterator:
+             opts: Optional[dict], star: bool = True) -> Iterator:
         end = None if timeout is None else time.monotonic() + timeout
-        submit = self.submit
-        futures = [submit(fn, *args) if star else submit(fn, args) for args in arg_tuples]
+        submit = self._submit
+        futures = [submit(fn, args if star else (args,), {}, opts) for args in arg_tuples]
 
         def results() -> Iterator:
             try:
@@ -161,6 +179,36 @@ class ClusterExecutor(Executor):
 
     def __repr__(self) -> str:
         return f"<ClusterExecutor master={self._session.conn.endpoint}>"
+
+
+class ExecutorOptions:
+    """``executor.options(max_retries=..., timeout=...)``: submit and map with those."""
+
+    def __init__(self, executor: ClusterExecutor, opts: Optional[dict]):
+        self._executor = executor
+        self._opts = opts
+
+    def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
+        return self._executor._submit(fn, args, kwargs, self._opts)
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
+            chunksize: int = 1) -> Iterator:
+        return self._executor._map_with(self._opts, fn, iterables, timeout, chunksize)
+
+
+def job_options(max_retries: int = DEFAULT_MAX_RETRIES,
+                timeout: Optional[float] = None) -> Optional[dict]:
+    """The options a job carries on the wire (None when all are defaults)."""
+    if not isinstance(max_retries, int) or max_retries < 1:
+        raise ValueError("max_retries must be an int >= 1")
+    if timeout is not None and not timeout > 0:
+        raise ValueError("timeout must be > 0 seconds or None")
+    opts: dict = {}
+    if max_retries != DEFAULT_MAX_RETRIES:
+        opts["max_retries"] = max_retries
+    if timeout is not None:
+        opts["timeout"] = float(timeout)
+    return opts or None
 
 
 class ClientThread:

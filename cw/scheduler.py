@@ -11,6 +11,11 @@
                a lost worker's jobs go back to the front of the queue, or fail with
                WorkerLost once they have lost ``max_retries`` workers.
 
+A worker may die before its "started" note leaves it (a job that calls os._exit), so the
+master cannot always tell which held job killed it. Every job a dead worker held becomes a
+*suspect*; a suspect is re-run alone on an idle worker, where a death is charged to it
+exactly. Innocent jobs are never charged; the guilty one fails after max_retries deaths.
+
 The master's event loop (cw.master) owns the only Scheduler and calls it from one thread.
 Everything sent goes through ``send(ident, frames)``, which returns False if the peer is gone.
 """
@@ -35,7 +40,7 @@ class Job:
     """One submitted call, as the master sees it (its payload frames are opaque)."""
 
     __slots__ = ("client", "seq", "digest", "frames", "worker", "started", "cancelled",
-                 "losses", "max_retries", "opts")
+                 "losses", "max_retries", "opts", "suspect")
 
     def __init__(self, client: "Client", seq: int, digest: bytes, frames: list, opts):
         self.client = client
@@ -47,6 +52,7 @@ class Job:
         self.started = 0.0          # time the worker reported starting it, 0 if not started
         self.cancelled = False      # dropped while queued (skipped lazily by dispatch)
         self.losses: list[str] = []  # workers lost while running it
+        self.suspect = False         # held by a worker that died: runs alone from now on
         self.max_retries = (opts or {}).get("max_retries", DEFAULT_MAX_RETRIES)
 
 
@@ -92,10 +98,11 @@ class Worker(Peer):
         self.ctxs: set[int] = set()                      # clients whose context it has
         self.done = 0
         self.failures = 0
+        self.isolated = False  # holds one suspect job and nothing else
         self.out_cancel: list[list] = []
 
     def free(self) -> int:
-        return self.slots - len(self.assigned)
+        return 0 if self.isolated else self.slots - len(self.assigned)
 
     def running(self) -> Optional[Job]:
         """The job it reported starting last and has not finished, if any."""
@@ -185,7 +192,9 @@ class Scheduler:
             job.worker = None
             if job.client.ident not in self.clients:
                 continue  # its client is gone too
-            if job.started and not graceful:
+            if not graceful:
+                job.suspect = True
+            if not graceful and (job.started or worker.isolated):
                 job.losses.append(lost)
                 if len(job.losses) >= job.max_retries:
                     self._fail(job, WorkerLost(_lost_message(job), job.losses))
@@ -277,6 +286,8 @@ class Scheduler:
                 continue
             worker.done += 1
             worker.failures += status != P.OK
+            if not worker.assigned:
+                worker.isolated = False
             self._deliver(job, status, payload)
 
     def cancelled(self, worker: Worker, entries: list) -> None:
@@ -290,6 +301,7 @@ class Scheduler:
             if ok:
                 del worker.assigned[(cid, seq)]
                 client.jobs.pop(seq, None)
+                worker.isolated = worker.isolated and bool(worker.assigned)
             client.out_cancelled.append([seq, bool(ok)])
             self._dirty[client.ident] = client
 
@@ -339,17 +351,25 @@ class Scheduler:
             if not self.queued:
                 break
             share = -(-self.queued // (len(ready) - i))  # ceil: spread over the rest
-            batch = self._take(min(worker.free(), share))
+            batch = self._take(min(worker.free(), share), idle=not worker.assigned)
             if batch:
+                worker.isolated = batch[0].suspect
                 self._send_jobs(worker, batch)
 
-    def _take(self, n: int) -> list[Job]:
-        batch = []
+    def _take(self, n: int, idle: bool) -> list[Job]:
+        """Up to ``n`` jobs in FIFO order; a suspect goes alone, and only to an idle worker."""
+        batch: list[Job] = []
         queue = self.queue
         while queue and len(batch) < n:
-            job = queue.popleft()
-            if not job.cancelled:
-                batch.append(job)
+            job = queue[0]
+            if job.suspect and not job.cancelled and (batch or not idle):
+                break
+            queue.popleft()
+            if job.cancelled:
+                continue
+            batch.append(job)
+            if job.suspect:
+                break
         self.queued -= len(batch)
         return batch
 
@@ -433,8 +453,13 @@ def _job_entry(entry) -> tuple[int, bytes, int, Optional[dict]]:
     seq, digest, n, opts = entry
     if not isinstance(seq, int) or not isinstance(n, int) or n < 1:
         raise ProtocolError("job entry has a bad seq or frame count")
-    if opts is not None and not isinstance(opts, dict):
-        raise ProtocolError("job options must be a map")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise ProtocolError("job options must be a map")
+        retries, timeout = opts.get("max_retries", 1), opts.get("timeout", 1)
+        if not isinstance(retries, int) or retries < 1 or \
+                not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ProtocolError("job options need max_retries >= 1 and timeout > 0")
     return seq, _digest(digest), n, opts
 
 

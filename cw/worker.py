@@ -35,7 +35,7 @@ from tornado.ioloop import PeriodicCallback
 from . import address, cli
 from . import protocol as P
 from . import serialize
-from .errors import CwError, ProtocolError
+from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
 from .peer import Connection, peer_info
 
 log = logging.getLogger("cw.worker")
@@ -44,14 +44,20 @@ DEFAULT_SLOTS = 4          # jobs a worker holds: the running one and the prefet
 FLUSH_INTERVAL = 0.005     # seconds a started/done note may wait before it is sent
 FLUSH_MAX = 256            # notes that force a flush
 EXIT_FATAL = 3             # the master refused us: the supervisor does not restart us
+EXIT_RECYCLE = 4           # a planned restart (--max-jobs, --max-memory, a stuck timed-out job)
+TIMEOUT_GRACE = 2.0        # seconds a timed-out job gets to yield to the interrupt
 
 
 class WorkerShutdown(BaseException):
     """Raised in the main thread by SIGINT/SIGTERM to stop the worker, even mid-job."""
 
 
+class JobInterrupted(BaseException):
+    """Raised in the main thread (by SIGUSR1 from the I/O thread) when a job's time is up."""
+
+
 class LocalJob:
-    __slots__ = ("cid", "seq", "digest", "frames", "opts")
+    __slots__ = ("cid", "seq", "digest", "frames", "opts", "_interrupted")
 
     def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts):
         self.cid, self.seq, self.digest, self.frames, self.opts = cid, seq, digest, frames, opts
@@ -61,9 +67,15 @@ class Worker:
     """One worker process: connects, registers and runs jobs until stopped."""
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
-                 slots: int = DEFAULT_SLOTS):
+                 slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0):
         self.host, self.port = address.resolve(host, port)
         self.slots = slots
+        self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
+        self.max_memory = max_memory      # recycle when RSS passes this many MB (0: never)
+        self.recycle = False
+        self.current: Optional[LocalJob] = None   # the running job (set under cond)
+        self.deadline = 0.0                       # monotonic time it must end by, 0: none
+        self.in_job = False                       # main thread is inside the job's code
         self.cond = threading.Condition()
         # shared with the I/O thread, guarded by cond
         self.pending: deque[LocalJob] = deque()
@@ -96,6 +108,7 @@ class Worker:
         except WorkerShutdown:
             log.info("worker %s stopping", self.conn.info["name"])
         finally:
+            self.conn.call(self._flush)  # outcomes first, then BYE: the master re-queues the rest
             self.conn.close()
             log.info("worker %s stopped after %d jobs", self.conn.info["name"], self.jobs_done)
 
@@ -117,28 +130,61 @@ class Worker:
                 context = self.contexts.get(job.cid)
                 blob = self.blobs.get((job.cid, job.digest))
                 self._forget_functions()
+                self.current = job
+                timeout = (job.opts or {}).get("timeout")
+                self.deadline = time.monotonic() + timeout if timeout else 0.0
             status, frames = self.execute(job, context, blob)
             self.jobs_done += 1
             with self.cond:
+                self.current, self.deadline = None, 0.0
+                if job.seq < 0:  # the I/O thread reported it timed out already
+                    continue
                 self._note([], [[job.cid, job.seq, status, len(frames)]], frames)
                 if not self.pending or len(self.out_done) >= FLUSH_MAX:
                     self._ask_flush()
+            if self._should_recycle():
+                return
 
     def execute(self, job: LocalJob, context, blob) -> tuple[int, list]:
-        """Run one job; return ``(status, frames)`` for the RESULTS message."""
+        """Run one job; return ``(status, frames)`` for the RESULTS message.
+
+        ``in_job`` is True only inside the job's own code, so the timeout interrupt (a
+        signal handled in this thread) can only land where it is caught here.
+        """
         try:
+            return self._execute(job, context, blob)
+        except JobInterrupted:
+            self.in_job = False
+            return P.ERROR, error_frames(_timeout_error(job))
+
+    def _execute(self, job: LocalJob, context, blob) -> tuple[int, list]:
+        try:
+            self.in_job = True
             self._enter(job.cid, context)
             func = self._function(job, blob)
             args, kwargs = serialize.loads(job.frames, "the job's arguments")
             result = func(*args, **kwargs)
-        except WorkerShutdown:
+            self.in_job = False
+        except (WorkerShutdown, JobInterrupted):
             raise
         except BaseException as exc:  # the job's own failure, SystemExit included
+            self.in_job = False
             return P.ERROR, error_frames(exc)
         try:
             return P.OK, serialize.dumps(result, f"the result of job {job.seq}")
         except CwError as exc:
             return P.ERROR, error_frames(exc)
+
+    def _should_recycle(self) -> bool:
+        reason = ""
+        if self.max_jobs and self.jobs_done >= self.max_jobs:
+            reason = f"{self.jobs_done} jobs done (--max-jobs {self.max_jobs})"
+        elif self.max_memory and rss_mb() > self.max_memory:
+            reason = f"RSS {rss_mb():.0f} MB above --max-memory {self.max_memory:g}"
+        if reason:
+            log.info("worker %s recycling: %s", self.conn.info["name"], reason)
+            self.recycle = True
+        return self.recycle
 
     def _function(self, job: LocalJob, blob):
         key = (job.cid, job.digest)
@@ -189,9 +235,33 @@ class Worker:
         self.flusher.start()
 
     def _flush_if_old(self) -> None:
-        if (self.out_started or self.out_done) and \
-                time.monotonic() - self.out_since >= FLUSH_INTERVAL:
+        now = time.monotonic()
+        if (self.out_started or self.out_done) and now - self.out_since >= FLUSH_INTERVAL:
             self._flush()
+        if self.deadline and now > self.deadline:
+            self._time_up(now)
+
+    def _time_up(self, now: float) -> None:
+        """Interrupt a job past its deadline; if it will not yield, report and exit."""
+        job = self.current
+        if job is None:
+            return
+        if now < self.deadline + TIMEOUT_GRACE:
+            if not getattr(job, "_interrupted", False):
+                job._interrupted = True
+                log.warning("job %d passed its timeout; interrupting it", job.seq)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+            return
+        log.error("job %d ignores its timeout; reporting it and replacing this worker", job.seq)
+        frames = error_frames(_timeout_error(job))
+        with self.cond:
+            self._note([], [[job.cid, job.seq, P.ERROR, len(frames)]], frames)
+            job.seq = -1
+            self.recycle = True
+        self._flush()
+        self.conn.send([P.pack(P.BYE)])
+        self.conn.sock.close(linger=2000)
+        os._exit(EXIT_RECYCLE)
 
     def _flush(self) -> None:
         with self.cond:
@@ -252,6 +322,17 @@ class Worker:
             self.out_started, self.out_done, self.out_frames = [], [], []
 
 
+def _timeout_error(job: LocalJob) -> JobTimeout:
+    return JobTimeout(f"job {job.seq} ran longer than its timeout of "
+                      f"{(job.opts or {}).get('timeout')} s and was stopped")
+
+
+def rss_mb() -> float:
+    """This process's resident memory in MB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
 def error_frames(exc: BaseException) -> list:
     """``[pickled exception or b"", traceback text, msgpack [type name, message]]``."""
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -269,17 +350,22 @@ def run_child(args: argparse.Namespace) -> int:
     def interrupt(signum, frame):
         raise WorkerShutdown(signal.Signals(signum).name)
 
+    def time_up(signum, frame):
+        if worker.in_job:
+            raise JobInterrupted()
+
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    worker = Worker(args.host, args.port, args.slots)
+    signal.signal(signal.SIGUSR1, time_up)
+    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory)
     try:
         worker.run(args.connect_timeout or None)
-    except ProtocolError as exc:
+    except (ProtocolError, MasterUnreachable) as exc:
         log.error("%s", exc)
         return EXIT_FATAL
     except WorkerShutdown:
         pass
-    return 0
+    return EXIT_RECYCLE if worker.recycle else 0
 
 
 class Supervisor:
@@ -326,6 +412,9 @@ class Supervisor:
         if proc.returncode == EXIT_FATAL:
             log.error("worker %d cannot work here (%s); not restarting it", pid, how)
             return
+        if proc.returncode == EXIT_RECYCLE:
+            log.info("worker %d recycled; starting a fresh one", pid)
+            return self.spawn()
         quick = time.monotonic() - self.started < 1.0
         self.quick_deaths = self.quick_deaths + 1 if quick else 0
         if self.quick_deaths > 5:
@@ -366,6 +455,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                  help="worker processes to run on this node")
     cli.add_flag(parser, "--slots", default=DEFAULT_SLOTS, cast=int,
                  help="jobs one worker holds at once: the running one plus prefetched ones")
+    cli.add_flag(parser, "--max-jobs", default=0, cast=int,
+                 help="restart a worker process after this many jobs (0: never)")
+    cli.add_flag(parser, "--max-memory", default=0.0, cast=float,
+                 help="restart a worker process, between jobs, once its RSS passes this "
+                      "many MB (0: never)")
     cli.add_flag(parser, "--connect-timeout", default=0.0, cast=float,
                  help="give up if no master answers within this many seconds; 0 waits "
                       "for ever")
@@ -378,6 +472,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     """The command line of one worker process, from the supervisor's."""
     argv = [args.host] if args.host else []
     for flag, value in (("--port", args.port), ("--slots", args.slots),
+                        ("--max-jobs", args.max_jobs), ("--max-memory", args.max_memory),
                         ("--connect-timeout", args.connect_timeout),
                         ("--log-level", args.log_level), ("--log-file", args.log_file)):
         if value is not None:
