@@ -3,7 +3,8 @@
     cw.launch.start(n)  --sbatch/salloc on PATH?--yes--> cw.slurm.start(n)  (jobs cmaster, cworkers)
                                                  --no---> cw.mp.start(n)     (local processes)
 
-Both launchers share what lives here: ``LaunchError`` and ``wait_until_up``, the bounded
+Both launchers share what lives here: ``LaunchError``, ``allocated``, the PYTHONPATH that
+makes ``python -m cw.*`` work from a clone, and ``wait_until_up``, the bounded
 poll of ``cw.status.status`` that makes ``start`` return only once the master answers and
 the workers have registered::
 
@@ -18,12 +19,13 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional, TypeVar
 
 from .errors import CwError, MasterUnreachable
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent  # the folder holding the cw package
 
 
@@ -51,11 +53,20 @@ def stop(master: bool = True, workers: bool = True, **options) -> list[str]:
     return _launcher().stop(master=master, workers=workers, **options)
 
 
-@contextlib.contextmanager
-def allocate(nworkers: int, master: bool = True, workers: bool = True, **options) -> Iterator:
+def allocate(nworkers: int, master: bool = True, workers: bool = True,
+             **options) -> ContextManager:
     """``with allocate(n):`` a cluster that is stopped when the block ends, even on error."""
-    with _launcher().allocate(nworkers, master=master, workers=workers, **options) as info:
-        yield info
+    return _launcher().allocate(nworkers, master=master, workers=workers, **options)
+
+
+@contextlib.contextmanager
+def allocated(start_: Callable[[], T], release: Callable[[T], object]) -> Iterator[T]:
+    """Yield what ``start_()`` returns; ``release`` it when the block ends, even on error."""
+    cluster = start_()
+    try:
+        yield cluster
+    finally:
+        release(cluster)
 
 
 def pythonpath() -> str:

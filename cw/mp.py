@@ -28,10 +28,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 from . import address
-from .launch import LaunchError, child_env, log_tail, wait_until_up, worker_names
+from .launch import LaunchError, allocated, child_env, log_tail, wait_until_up, worker_names
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -265,15 +265,11 @@ def stop(master: bool = True, workers: bool = True, only: Optional[list[Proc]] =
     return said
 
 
-@contextlib.contextmanager
 def allocate(nworkers: int, master: bool = True, workers: bool = True,
-             **options) -> Iterator[Cluster]:
+             **options) -> ContextManager[Cluster]:
     """``with allocate(n) as cluster:`` a local cluster, stopped when the block ends."""
-    cluster = start(nworkers, master=master, workers=workers, **options)
-    try:
-        yield cluster
-    finally:
-        stop(only=cluster.procs)
+    return allocated(lambda: start(nworkers, master=master, workers=workers, **options),
+                     lambda cluster: stop(only=cluster.procs))
 
 
 # ------------------------------------------------------------------ command line

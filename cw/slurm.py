@@ -22,7 +22,6 @@ Only one cw cluster per user runs at a time: jobs are found by name and user.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import getpass
 import logging
@@ -30,11 +29,11 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Iterator, Optional, Sequence
+from typing import ContextManager, Iterator, Optional, Sequence
 
 from . import address
 from .errors import MasterUnreachable
-from .launch import LaunchError, log_tail, pythonpath, wait_until_up, worker_names
+from .launch import LaunchError, allocated, log_tail, pythonpath, wait_until_up, worker_names
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -391,15 +390,11 @@ def stop(master: bool = True, workers: bool = True,
     return said
 
 
-@contextlib.contextmanager
 def allocate(nworkers: int, master: bool = True, workers: bool = True,
-             **options) -> Iterator[SlurmCluster]:
+             **options) -> ContextManager[SlurmCluster]:
     """``with allocate(n) as cluster:`` SLURM jobs that are cancelled when the block ends."""
-    cluster = start(nworkers, master=master, workers=workers, **options)
-    try:
-        yield cluster
-    finally:
-        _cancel(list(cluster.jobs.values()))
+    return allocated(lambda: start(nworkers, master=master, workers=workers, **options),
+                     lambda cluster: _cancel(list(cluster.jobs.values())))
 
 
 # ------------------------------------------------------------------ command line
