@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections import deque
 import threading
 import time
 from concurrent.futures import Executor, Future
@@ -28,6 +29,8 @@ from .scheduler import DEFAULT_MAX_RETRIES
 from .session import DEFAULT_MASTER_TIMEOUT, Session
 
 log = logging.getLogger("cw.client")
+
+DEFAULT_MAP_WINDOW = 20_000  # jobs of one map() in flight at once
 
 
 class CwFuture(Future):
@@ -69,9 +72,10 @@ class ClusterExecutor(Executor):
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
                  max_retries: int = DEFAULT_MAX_RETRIES, timeout: Optional[float] = None,
-                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 map_window: int = DEFAULT_MAP_WINDOW, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT):
         self._opts = job_options(max_retries, timeout)
+        self.map_window = map_window
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: dict[int, CwFuture] = {}
@@ -146,18 +150,25 @@ class ClusterExecutor(Executor):
 
     def _map(self, fn: Callable, arg_tuples: Iterable, timeout: Optional[float],
              opts: Optional[dict], star: bool = True) -> Iterator:
+        """Submit lazily, at most ``map_window`` jobs in flight; yield results in order."""
         end = None if timeout is None else time.monotonic() + timeout
-        submit = self._submit
-        futures = [submit(fn, args if star else (args,), {}, opts) for args in arg_tuples]
+        pending = iter(arg_tuples)
+        futures: deque = deque()
+
+        def submit(n: int) -> None:
+            for args in itertools.islice(pending, n):
+                futures.append(self._submit(fn, args if star else (args,), {}, opts))
+
+        submit(self.map_window)  # like Executor.map, the first calls go out at once
 
         def results() -> Iterator:
             try:
-                futures.reverse()
                 while futures:
-                    future = futures[-1]
                     left = None if end is None else end - time.monotonic()
-                    yield future.result(left)
-                    futures.pop()
+                    value = futures[0].result(left)
+                    futures.popleft()
+                    submit(1)
+                    yield value
             finally:
                 if futures:
                     self.cancel_many(futures)

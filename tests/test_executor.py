@@ -252,3 +252,24 @@ def test_unreachable_master_fails_fast_and_typed():
     s.close()
     with pytest.raises(MasterUnreachable, match=str(port)):
         ClusterExecutor("127.0.0.1", port, connect_timeout=1)
+
+
+def test_map_streams_with_a_bounded_number_in_flight(cluster):
+    """Back-pressure: map never has more than map_window jobs outstanding."""
+    with ClusterExecutor(cluster.host, cluster.port, map_window=50) as ex:
+        most = 0
+        total = 0
+        for i, value in enumerate(ex.map(abs, range(-3000, 0))):
+            assert value == 3000 - i
+            most = max(most, ex._session.pending())
+            total += 1
+    assert total == 3000 and most <= 50
+
+
+def test_options_validate_and_apply(cluster):
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        with pytest.raises(ValueError):
+            ex.options(max_retries=0)
+        with pytest.raises(ValueError):
+            ex.options(timeout=-1)
+        assert list(ex.options(max_retries=5, timeout=30).map(abs, [-1, -2])) == [1, 2]
