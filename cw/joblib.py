@@ -104,6 +104,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         future.add_done_callback(done)
         return future
 
+    apply_async = submit  # the name joblib < 1.5 calls
+
     def retrieve_result_callback(self, future: Future) -> Any:
         return future.result()
 

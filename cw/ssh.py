@@ -16,7 +16,8 @@
 Host syntax: ``[user@]host[:N]``, N worker processes there (default ``-n``, else 1), comma
 separated. The ssh port is not part of it (``:`` already means N): ``--port 2222`` sets it for
 every host, ``--port cl-2=2222`` for one host. ``--ssh-option`` takes an ssh ``-o`` option
-(``StrictHostKeyChecking=no``) or, starting with ``-``, raw ssh arguments (``"-i ~/.ssh/k"``).
+(``StrictHostKeyChecking=no``) or, starting with ``-``, raw ssh arguments (``"-i ~/.ssh/k"``;
+write ``--ssh-option=-v`` for a lone flag, or argparse takes it for one of ours).
 
 Remote hosts need Python with cw installed (``--python``, default python3) and must reach the
 master's address. Workers are supervised there (restarted if they die) until ``stop``.
@@ -267,6 +268,10 @@ def start(master: Optional[str], specs: list[HostSpec], options: list[str] = (),
           worker_args: list[str] = ()) -> list[tuple[HostSpec, object]]:
     """Start workers on every host; record the ones started. ``[(spec, Record|SshError)]``."""
     host, port, key = master_key(master)
+    if _loopback(host) and not all(_loopback(s.host) for s in specs):
+        log.warning("workers on other hosts are told to dial the master at %s, which is "
+                    "this machine's loopback address; pass --master with a reachable name",
+                    host)
     base = {"env": env or {}, "cwd": cwd}
 
     def one(spec: HostSpec) -> Record:
@@ -280,6 +285,10 @@ def start(master: Optional[str], specs: list[HostSpec], options: list[str] = (),
     state.setdefault(key, []).extend(r for _, r in results if isinstance(r, Record))
     save_state(state)
     return results
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
 
 
 def _by_target(records: list[Record]) -> list[list[Record]]:
@@ -352,8 +361,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ssh-option", action="append", default=[], metavar="OPT",
                         help="ssh -o option like StrictHostKeyChecking=no, or raw ssh "
                              "arguments starting with '-' like '-i ~/.ssh/key' (repeatable)")
-    cli.add_flag(parser, "--python", default="python3",
-                 help="the Python interpreter on the remote hosts (with cw installed)")
+    parser.add_argument("--python", default="python3",
+                        help="the Python interpreter on the remote hosts, with cw installed "
+                             "(default: python3)")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="environment variable for the remote workers (repeatable)")
     parser.add_argument("--chdir", default=None, help="remote working directory of workers")
