@@ -226,7 +226,8 @@ class Master:
         if isinstance(peer, Client) and kind == P.CANCEL:
             return state.cancel(peer, header[1])
         if isinstance(peer, Worker) and kind == P.RESULTS:
-            return state.results(peer, header[1], header[2], frames, now)
+            return state.results(peer, header[1], header[2], frames, now,
+                                 header[3] if len(header) > 3 else -1.0)
         if isinstance(peer, Worker) and kind == P.CANCELLED:
             return state.cancelled(peer, header[1])
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")

@@ -1,8 +1,10 @@
-"""Progress bars (tqdm) for futures: ``progress(futures)`` and ``map(..., progress=True)``.
+"""Progress bars (tqdm) for futures: ``progress(futures)``, ``as_completed``, ``map(progress=)``.
 
-    futures --add_done_callback--> Bar.tick (any thread, under a lock) --> tqdm.update
-       progress(futures): blocks in concurrent.futures.wait(), then closes the bar
-       track(results, futures): yields results unchanged; the bar closes when they run out
+    as_completed(futures): concurrent.futures.as_completed in the calling thread,
+                           Bar.tick per future, then yields it; progress() drains it
+    map(..., progress=True): map_bar() sizes a Bar from len() of the iterables; map's
+                           lazy submitter watch()es each future it sends, so the bar
+                           ticks from cw's I/O thread as jobs finish (under Bar's lock)
 
 The bar shows done/total, rate and ETA. It is drawn only on a terminal (``file.isatty()``,
 ``file`` defaulting to stderr) unless ``force=True``; without tqdm installed
@@ -13,8 +15,9 @@ from __future__ import annotations
 import logging
 import sys
 import threading
-from concurrent.futures import Future, wait
-from typing import IO, Iterable, Iterator, Optional
+from concurrent.futures import Future
+from concurrent.futures import as_completed as futures_as_completed
+from typing import IO, Iterable, Iterator, Optional, Union
 
 log = logging.getLogger("cw.progress")
 
@@ -33,6 +36,10 @@ class Bar:
         with self.lock:
             if not self.closed:
                 self.bar.update(1)
+
+    def watch(self, future: Future) -> None:
+        """Tick when ``future`` finishes (at once if it has)."""
+        future.add_done_callback(self.tick)
 
     def close(self) -> None:
         with self.lock:
@@ -71,44 +78,48 @@ def _isatty(file: IO) -> bool:
         return False
 
 
-def _watch(futures: list[Future], total: Optional[int], file: Optional[IO], force: bool,
-           desc: str) -> Optional[Bar]:
-    bar = make_bar(len(futures) if total is None else total, file, force, desc)
-    if bar is not None:
-        for future in futures:
-            future.add_done_callback(bar.tick)
-    return bar
-
-
-def progress(futures: Iterable[Future], total: Optional[int] = None,
-             file: Optional[IO] = None, force: bool = False, desc: str = "jobs") -> list[Future]:
-    """Wait for every future, drawing a bar as they complete; return them as a list.
+def as_completed(futures: Iterable[Future], total: Optional[int] = None,
+                 file: Optional[IO] = None, force: bool = False, desc: str = "jobs",
+                 timeout: Optional[float] = None) -> Iterator[Future]:
+    """``concurrent.futures.as_completed`` that draws a bar as the futures finish.
 
     ``total`` defaults to the number of futures; ``file`` to stderr, drawn on only if it is a
     terminal unless ``force``. Futures that fail or are cancelled count as done.
     """
     futures = list(futures)
-    bar = _watch(futures, total, file, force, desc)
+    bar = make_bar(len(futures) if total is None else total, file, force, desc)
     try:
-        wait(futures)
+        for future in futures_as_completed(futures, timeout):
+            if bar is not None:
+                bar.tick()
+            yield future
     finally:
         if bar is not None:
             bar.close()
+
+
+def progress(futures: Iterable[Future], total: Optional[int] = None,
+             file: Optional[IO] = None, force: bool = False, desc: str = "jobs") -> list[Future]:
+    """Wait for every future, drawing a bar as they complete; return them as a list."""
+    futures = list(futures)
+    for _ in as_completed(futures, total, file, force, desc):
+        pass
     return futures
 
 
-def track(results: Iterator, futures: Iterable[Future], total: Optional[int] = None,
-          file: Optional[IO] = None, force: bool = False, desc: str = "jobs") -> Iterator:
-    """Pass ``results`` through unchanged while a bar counts ``futures`` as they finish.
+def map_bar(progress: Union[bool, dict], iterables: tuple, chunksize: int = 1) -> Optional[Bar]:
+    """The bar of ``ClusterExecutor.map(..., progress=...)``, or None.
 
-    The bar closes when the results run out or the iterator is closed. This is what
-    ``ClusterExecutor.map(..., progress=True)`` wraps its results in.
+    ``progress`` is True or a dict of ``make_bar`` options (``file``, ``force``, ``desc``).
+    The total is known when every iterable has a length; the bar counts jobs (chunks).
     """
-    bar = _watch(list(futures), total, file, force, desc)
-    if bar is None:
-        return results
-
-    def passing() -> Iterator:
-        with bar:
-            yield from results
-    return passing()
+    if not progress:
+        return None
+    options = progress if isinstance(progress, dict) else {}
+    try:
+        total: Optional[int] = min(len(it) for it in iterables)
+    except (TypeError, ValueError):  # a generator (or nothing): count without a total
+        total = None
+    if total is not None and chunksize > 1:
+        total = -(-total // chunksize)
+    return make_bar(total, **options)

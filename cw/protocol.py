@@ -9,7 +9,7 @@ they ride in their own frames, in the order the header lists them::
       | HELLO v role info  ------->   |   <-------  HELLO v role info   |
       | <-------  WELCOME v id info   |   WELCOME v id info  -------->  |
       | SUBMIT fns jobs + frames --> queue --> JOBS ctxs fns jobs + frames -->
-      | <-- RESULTS started done     |   <-- RESULTS started done + frames |
+      | <-- RESULTS started done     |   <-- RESULTS started done busy + frames |
       | CANCEL seqs --------------->  |   CANCEL [[cid, seq]] -------->  |
       | <-- CANCELLED [[seq, ok]]     |   <-- CANCELLED [[cid, seq, ok]] |
       | HEARTBEAT <--------------->   |   <---------------> HEARTBEAT    |
@@ -40,7 +40,8 @@ CANCEL = 11      # client -> master: [CANCEL, [seq]]; master -> worker: [CANCEL,
 CANCELLED = 12   # worker -> master: [CANCELLED, [[cid, seq, ok]]]; master -> client: [CANCELLED, [[seq, ok]]]
 JOBS = 20        # master -> worker: [JOBS, ctxs, fns, jobs]; ctxs: [[cid, cwd, path]],
                  #   fns: [[cid, digest]], jobs: [[cid, seq, digest, nframes]]
-RESULTS = 21     # worker -> master: [RESULTS, started [[cid, seq]], done [[cid, seq, status, nframes]]]
+RESULTS = 21     # worker -> master: [RESULTS, started [[cid, seq]], done [[cid, seq, status, nframes]],
+                 #   busy] (busy: seconds spent running the done jobs)
                  # master -> client: [RESULTS, started [seq], done [[seq, status, nframes]]]
 FORGET = 22      # master -> worker: [FORGET, [cid]]  (client gone: drop its functions)
 STATUS = 30      # any -> master: [STATUS]

@@ -34,6 +34,8 @@ from .serialize import dumps
 log = logging.getLogger("cw.master")
 
 DEFAULT_MAX_RETRIES = 3
+PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)
+MIN_HOLD = 2               # the running job and one prefetched, whatever the job time
 
 
 class Job:
@@ -92,7 +94,9 @@ class Worker(Peer):
 
     def __init__(self, ident: bytes, info: dict, now: float):
         super().__init__(ident, info, now)
-        self.slots = max(1, int(info.get("slots", 1)))  # running + prefetched jobs it accepts
+        self.slots = max(1, int(info.get("slots", 1)))  # most jobs it accepts to hold
+        self.job_seconds: Optional[float] = None        # moving average of its job times
+        self.hold = min(self.slots, MIN_HOLD)            # jobs it may hold now
         self.assigned: dict[tuple[int, int], Job] = {}  # (cid, seq) -> job, in dispatch order
         self.fns: set[tuple[int, bytes]] = set()         # functions it has been sent
         self.ctxs: set[int] = set()                      # clients whose context it has
@@ -102,7 +106,21 @@ class Worker(Peer):
         self.out_cancel: list[list] = []
 
     def free(self) -> int:
-        return 0 if self.isolated else self.slots - len(self.assigned)
+        return 0 if self.isolated else self.hold - len(self.assigned)
+
+    def measured(self, busy: float, jobs: int) -> None:
+        """Learn the job time from a RESULTS message; hold ~PREFETCH_SECONDS of work.
+
+        Starts at MIN_HOLD (like TCP's slow start), so long jobs never strand short ones
+        behind them, and grows to ``slots`` for short jobs, so they travel in batches.
+        """
+        if jobs <= 0 or busy < 0:
+            return
+        each = busy / jobs
+        self.job_seconds = each if self.job_seconds is None else \
+            0.7 * self.job_seconds + 0.3 * each
+        want = int(PREFETCH_SECONDS / max(self.job_seconds, 1e-6))
+        self.hold = max(min(self.slots, MIN_HOLD), min(self.slots, want))
 
     def running(self) -> Optional[Job]:
         """The job it reported starting last and has not finished, if any."""
@@ -258,10 +276,15 @@ class Scheduler:
 
     # ---------------------------------------------------------------- workers
     def results(self, worker: Worker, started: list, done: list, frames: list,
-                now: float) -> None:
-        """Record jobs a worker started and finished; pass results to their clients."""
-        if not isinstance(started, list) or not isinstance(done, list):
-            raise ProtocolError("RESULTS needs lists")
+                now: float, busy: float = -1.0) -> None:
+        """Record jobs a worker started and finished; pass results to their clients.
+
+        ``busy`` is the seconds the worker spent running the ``done`` jobs.
+        """
+        if not isinstance(started, list) or not isinstance(done, list) or \
+                not isinstance(busy, (int, float)):
+            raise ProtocolError("RESULTS needs lists and a number")
+        worker.measured(busy, len(done))
         if sum(_done_entry(d)[3] for d in done) != len(frames):
             raise ProtocolError("RESULTS frame count does not match its header")
         for entry in started:
@@ -415,7 +438,7 @@ def _worker_status(w: Worker, now: float) -> dict:
         "state": "busy" if w.assigned else "idle",
         "job": [job.client.name, job.seq] if job else None,
         "job_seconds": round(now - job.started, 3) if job else None,
-        "held": len(w.assigned), "done": w.done, "failures": w.failures,
+        "held": len(w.assigned), "hold": w.hold, "done": w.done, "failures": w.failures,
         "last_heartbeat": round(now - w.last_seen, 3),
     }
 

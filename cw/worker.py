@@ -40,7 +40,7 @@ from .peer import Connection, peer_info
 
 log = logging.getLogger("cw.worker")
 
-DEFAULT_SLOTS = 4          # jobs a worker holds: the running one and the prefetched ones
+DEFAULT_SLOTS = 64         # most jobs a worker holds (the master adapts it to job length)
 FLUSH_INTERVAL = 0.005     # seconds a started/done note may wait before it is sent
 FLUSH_MAX = 256            # notes that force a flush
 EXIT_FATAL = 3             # the master refused us: the supervisor does not restart us
@@ -86,6 +86,7 @@ class Worker:
         self.out_done: list[list] = []
         self.out_frames: list = []
         self.out_since = 0.0
+        self.out_busy = 0.0
         self.flush_asked = False
         self.running = True
         # main thread only
@@ -133,6 +134,7 @@ class Worker:
                 self.current = job
                 timeout = (job.opts or {}).get("timeout")
                 self.deadline = time.monotonic() + timeout if timeout else 0.0
+            began = time.perf_counter()
             status, frames = self.execute(job, context, blob)
             self.jobs_done += 1
             with self.cond:
@@ -140,7 +142,10 @@ class Worker:
                 if job.seq < 0:  # the I/O thread reported it timed out already
                     continue
                 self._note([], [[job.cid, job.seq, status, len(frames)]], frames)
-                if not self.pending or len(self.out_done) >= FLUSH_MAX:
+                self.out_busy += time.perf_counter() - began
+                # flush when idle, or once half of what we held is done (low water): the
+                # master refills us while we run the other half
+                if len(self.out_done) >= len(self.pending) or len(self.out_done) >= FLUSH_MAX:
                     self._ask_flush()
             if self._should_recycle():
                 return
@@ -268,9 +273,10 @@ class Worker:
             self.flush_asked = False
             if not (self.out_started or self.out_done):
                 return
-            header = P.pack(P.RESULTS, self.out_started, self.out_done)
+            header = P.pack(P.RESULTS, self.out_started, self.out_done, self.out_busy)
             frames = self.out_frames
             self.out_started, self.out_done, self.out_frames = [], [], []
+            self.out_busy = 0.0
         self.conn.send([header, *frames])
 
     def _on_message(self, kind: int, header: list, frames: list) -> None:
@@ -320,6 +326,7 @@ class Worker:
             self.blobs.clear()
             self.forgotten.extend({k[0] for k in self.functions})
             self.out_started, self.out_done, self.out_frames = [], [], []
+            self.out_busy = 0.0
 
 
 def _timeout_error(job: LocalJob) -> JobTimeout:
