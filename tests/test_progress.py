@@ -14,7 +14,7 @@ import pytest
 
 from cw import progress as cw_progress
 from cw.client import ClusterExecutor
-from cw.progress import progress, track
+from cw.progress import as_completed, map_bar, progress
 
 pytest.importorskip("tqdm", reason="progress bars need tqdm: pip install 'cw[progress]'")
 
@@ -53,8 +53,7 @@ def test_failed_futures_count_as_done(cluster):
 def test_silent_unless_a_terminal_or_forced(capsys):
     progress(done_futures(5), file=io.StringIO())  # not a tty: nothing, no error
     progress(done_futures(5))                      # stderr, captured by pytest: not a tty
-    results = iter([1, 2])
-    assert track(results, done_futures(2)) is results  # nothing to wrap
+    assert map_bar(True, (range(3),)) is None
     assert capsys.readouterr().err == ""
 
 
@@ -80,15 +79,30 @@ def test_drawn_on_a_real_terminal():
     assert b"7/7" in drawn
 
 
-def test_track_passes_results_and_closes_when_abandoned():
-    futures = [Future() for _ in range(4)]
+def test_as_completed_yields_in_completion_order():
+    futures = [Future() for _ in range(3)]
     out = io.StringIO()
-    wrapped = track(iter("abcd"), futures, file=out, force=True)
+    it = as_completed(futures, file=out, force=True, desc="order")
+    futures[2].set_result(2)
+    assert next(it) is futures[2]
     futures[0].set_result(0)
-    assert next(wrapped) == "a"
-    wrapped.close()                  # abandoned early: the bar closes at 1/4
-    futures[1].set_result(1)         # a late completion must not touch the closed bar
-    assert "1/4" in out.getvalue() and "2/4" not in out.getvalue()
+    assert next(it) is futures[0]
+    it.close()                       # abandoned early: the bar closes at 2/3
+    assert "2/3" in out.getvalue() and "3/3" not in out.getvalue()
+
+
+def test_map_bar_totals_and_late_ticks():
+    out = io.StringIO()
+    assert map_bar(False, (range(5),)) is None
+    bar = map_bar({"file": out, "force": True}, (range(10), [1] * 7), chunksize=3)
+    assert bar.bar.total == 3        # min length 7, in chunks of 3
+    bar.watch(done_futures(1)[0])
+    bar.close()
+    bar.tick()                       # a job finishing after map was abandoned: ignored
+    assert "1/3" in out.getvalue() and "2/3" not in out.getvalue()
+    unsized = map_bar({"file": io.StringIO(), "force": True}, (iter([1, 2]),))
+    assert unsized.bar.total is None
+    unsized.close()
 
 
 def test_without_tqdm_warns_once_and_draws_nothing(monkeypatch, caplog):
@@ -111,7 +125,12 @@ def test_map_with_progress(cluster):
         chunked = ex.map(abs, range(-9, 11), chunksize=5, progress={"file": out,
                                                                     "force": True})
         assert list(chunked) == [abs(i) for i in range(-9, 11)]
+        unsized = io.StringIO()
+        streamed = ex.map(abs, (-i for i in range(5)), progress={"file": unsized,
+                                                                 "force": True})
+        assert list(streamed) == list(range(5))
     assert "20/20" in out.getvalue() and "4/4" in out.getvalue()
+    assert "5job" in unsized.getvalue()  # no total: a count and a rate
 
 
 @needs_map_flag
