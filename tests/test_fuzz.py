@@ -1,0 +1,211 @@
+"""Malformed input from authenticated peers: the master logs, survives and keeps routing.
+
+A raw DEALER socket holding the cluster's keys says a valid HELLO (as a client, or as a
+worker that says BYE before the check), then sends what hypothesis draws: invalid msgpack,
+truncated headers, wrong types, huge ints, unknown kinds, wrong frame counts, well-shaped
+SUBMITs with garbage payloads. After every example a well-behaved client's job must come
+back with the right value and the master process must still be running.
+"""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cw import protocol as P
+from cw import security
+from cw.client import ClusterExecutor
+from cw.errors import CwError
+
+from conftest import wait_for
+from test_faults import executor
+
+FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                       HealthCheck.too_slow])
+
+# ---------------------------------------------------------------- strategies
+KINDS = [P.HELLO, P.WELCOME, P.REFUSE, P.WHO, P.HEARTBEAT, P.SUBMIT, P.CANCEL, P.CANCELLED,
+         P.JOBS, P.RESULTS, P.FORGET, P.STATUS, P.STATUS_REPLY]
+huge_ints = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1),
+                      st.sampled_from([0, -1, 2 ** 31, 2 ** 63 - 1, 2 ** 64 - 1, -2 ** 63]))
+scalars = st.one_of(st.none(), st.booleans(), huge_ints, st.floats(), st.text(max_size=20),
+                    st.binary(max_size=40))
+values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=5), st.dictionaries(st.one_of(st.text(max_size=5), huge_ints),
+                                                 inner, max_size=4)), max_leaves=20)
+kinds = st.one_of(st.sampled_from(KINDS), huge_ints)
+digests = st.one_of(st.binary(min_size=16, max_size=16), st.binary(max_size=20))
+opts = st.one_of(st.none(), values,
+                 st.fixed_dictionaries({}, optional={"max_retries": values, "timeout": values}))
+job_entries = st.one_of(st.tuples(huge_ints, digests, st.integers(-1, 3), opts).map(list),
+                        st.lists(values, max_size=6))
+payload = st.lists(st.binary(max_size=64), max_size=6)
+
+
+@st.composite
+def well_shaped_submits(draw):
+    """A SUBMIT whose frame count adds up: its jobs reach workers with garbage payloads."""
+    fns = draw(st.lists(st.binary(min_size=16, max_size=16), min_size=1, max_size=2))
+    jobs = [[draw(huge_ints), draw(st.sampled_from(fns)), draw(st.integers(1, 3)), None]
+            for _ in range(draw(st.integers(0, 3)))]
+    frames = [draw(st.binary(max_size=64)) for _ in range(len(fns) + sum(j[2] for j in jobs))]
+    return [P.pack(P.SUBMIT, fns, jobs), *frames]
+
+
+@st.composite
+def truncated(draw):
+    header = P.pack(draw(kinds), *draw(st.lists(values, max_size=4)))
+    return [header[:draw(st.integers(0, max(0, len(header) - 1)))], *draw(payload)]
+
+
+def header_then(kind_items):
+    return st.tuples(kind_items, payload).map(lambda t: [P.pack(*t[0]), *t[1]])
+
+
+client_messages = st.one_of(
+    st.lists(st.binary(max_size=64), min_size=1, max_size=4),            # not msgpack at all
+    truncated(),
+    header_then(st.tuples(kinds).map(list) | st.lists(values, min_size=1, max_size=5)
+                .map(lambda v: [v[0], *v[1:]])),                          # any header shape
+    header_then(st.tuples(kinds, values, values).map(list)),
+    header_then(st.tuples(st.just(P.SUBMIT), st.lists(digests, max_size=3),
+                          st.lists(job_entries, max_size=4)).map(list)),
+    well_shaped_submits(),
+    header_then(st.tuples(st.just(P.CANCEL), values).map(list)),
+    header_then(st.tuples(st.just(P.CANCEL), st.lists(values, max_size=5)).map(list)),
+    header_then(st.tuples(st.just(P.HELLO), values, values, values).map(list)),
+    st.just([]),                                                          # no frames at all
+)
+worker_messages = st.one_of(
+    client_messages,
+    header_then(st.tuples(st.just(P.RESULTS), st.lists(st.lists(values, max_size=3),
+                                                       max_size=4),
+                          st.lists(st.lists(values, max_size=5), max_size=4)).map(list)),
+    header_then(st.tuples(st.just(P.RESULTS), st.lists(st.tuples(huge_ints, huge_ints)
+                                                       .map(list), max_size=3),
+                          st.lists(st.tuples(huge_ints, huge_ints, huge_ints,
+                                             st.integers(0, 3)).map(list), max_size=3))
+                .map(list)),
+    header_then(st.tuples(st.just(P.CANCELLED), st.lists(st.lists(values, max_size=4),
+                                                         max_size=4)).map(list)),
+)
+
+
+# ---------------------------------------------------------------- the fuzzing peer
+class Peer:
+    """A raw DEALER with the cluster's keys, speaking as ``role``."""
+
+    def __init__(self, master, role: str):
+        self.role = role
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
+        security.secure_client(self.sock, security.keys_for(master.host, master.port))
+        self.sock.connect(f"tcp://{master.host}:{master.port}")
+
+    def hello(self) -> None:
+        """Say a valid HELLO and wait for the WELCOME (dropping whatever else came)."""
+        self.sock.send(P.pack(P.HELLO, P.VERSION, self.role,
+                              {"name": f"fuzz-{self.role}", "slots": 1}))
+        while True:
+            assert self.sock.poll(10_000), "the master did not welcome the fuzzing peer"
+            header = P.unpack(self.sock.recv_multipart()[0])
+            if header[0] == P.WELCOME:
+                return
+
+    def send(self, frames: list) -> None:
+        if frames:
+            self.sock.send_multipart(frames)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def check_alive(master, ex, n: int) -> None:
+    assert master.popen.poll() is None, master.stderr()[-2000:]
+    assert ex.submit(pow, n, 2).result(timeout=15) == n * n
+
+
+# ---------------------------------------------------------------- tests
+@pytest.mark.timeout(120)
+def test_fuzzed_client_messages_never_stop_the_master(cluster):
+    peer = Peer(cluster, "client")
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        peer.hello()
+        count = iter(range(10 ** 6))
+
+        @FUZZ
+        @given(message=client_messages)
+        def run(message):
+            peer.hello()
+            peer.send(message)
+            check_alive(cluster, ex, next(count))
+
+        try:
+            run()
+        finally:
+            peer.close()
+        check_alive(cluster, ex, -7)
+        assert len(cluster.status()["workers"]) == 2
+    assert "dropped a bad message" in cluster.stderr()
+
+
+@pytest.mark.timeout(120)
+def test_fuzzed_worker_messages_never_stop_the_master(cluster):
+    peer = Peer(cluster, "worker")
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        count = iter(range(10 ** 6))
+
+        @FUZZ
+        @given(messages=st.lists(worker_messages, min_size=1, max_size=3))
+        def run(messages):
+            peer.hello()
+            for message in messages:
+                peer.send(message)
+            peer.send([P.pack(P.BYE)])  # before the check: it must not be handed jobs
+            wait_for(lambda: len(cluster.status()["workers"]) == 2, 10, "the fuzzer's BYE")
+            check_alive(cluster, ex, next(count))
+
+        try:
+            run()
+        finally:
+            peer.close()
+        check_alive(cluster, ex, -7)
+    assert "dropped a bad message" in cluster.stderr()
+
+
+@pytest.mark.timeout(60)
+def test_oversized_frame_disconnects_the_sender_and_the_master_survives(procs):
+    master = procs.master("--max-message-size", "100000")
+    procs.workers(master, 1)
+    peer = Peer(master, "client")
+    with ClusterExecutor(master.host, master.port) as ex:
+        peer.hello()
+        for size in (100_001, 1_000_000, 5_000_000):
+            peer.send([P.pack(P.SUBMIT, [], []), b"x" * size])
+            peer.send([P.pack(P.HEARTBEAT)])
+            check_alive(master, ex, size)
+        # just under the limit is fine
+        assert ex.submit(len, b"x" * 90_000).result(timeout=30) == 90_000
+    peer.close()
+    assert master.popen.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_job_larger_than_the_masters_limit_fails_instead_of_hanging(procs):
+    """A client whose SUBMIT exceeds --max-message-size is disconnected by zmq: the job (and
+    any job batched with it) must fail with a clear error, not wait for ever."""
+    master = procs.master("--max-message-size", "100000")
+    procs.workers(master, 1)
+    with executor(master) as ex:
+        small = ex.submit(abs, -1)
+        big = ex.submit(len, b"x" * 1_000_000)
+        with pytest.raises((CwError, ValueError)) as info:
+            big.result(timeout=20)
+        assert "max-message-size" in str(info.value) or "too large" in str(info.value)
+        assert small.result(timeout=20) == 1
+        assert ex.submit(abs, -2).result(timeout=20) == 2
