@@ -209,3 +209,18 @@ def test_job_larger_than_the_masters_limit_fails_instead_of_hanging(procs):
         assert "max-message-size" in str(info.value) or "too large" in str(info.value)
         assert small.result(timeout=20) == 1
         assert ex.submit(abs, -2).result(timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_result_larger_than_the_masters_limit_fails_instead_of_hanging(procs):
+    """A worker whose RESULTS carry a frame above --max-message-size is disconnected: the
+    job must fail with a clear error (and the worker stay), not be lost."""
+    master = procs.master("--max-message-size", "100000")
+    procs.workers(master, 1)
+    with executor(master) as ex:
+        big = ex.submit(bytes, 1_000_000)
+        with pytest.raises((CwError, ValueError)) as info:
+            big.result(timeout=20)
+        assert "max-message-size" in str(info.value) or "too large" in str(info.value)
+        assert ex.submit(abs, -2).result(timeout=20) == 2
+    master.wait_workers(1)
