@@ -210,7 +210,7 @@ class Master:
         if kind == P.STATUS:
             self._send(ident, [P.pack(P.STATUS_REPLY, state.status(time.monotonic()))])
             return
-        peer = state.clients.get(ident) or state.workers.get(ident)
+        peer = state.peer(ident)
         if peer is None:
             if kind != P.BYE:
                 self._send(ident, [P.pack(P.WHO)])
@@ -220,7 +220,7 @@ class Master:
         if kind == P.HEARTBEAT:
             return
         if kind == P.BYE:
-            return state.peer_gone(ident, "said goodbye", graceful=True)
+            return state.peer_gone(peer.ident, "said goodbye", graceful=True)
         if isinstance(peer, Client) and kind == P.SUBMIT:
             return state.submit(peer, header[1], header[2], frames)
         if isinstance(peer, Client) and kind == P.CANCEL:
@@ -250,7 +250,7 @@ class Master:
                                   self.welcome_info)])
 
     def _name(self, ident: bytes) -> str:
-        peer = self.state.clients.get(ident) or self.state.workers.get(ident)
+        peer = self.state.peer(ident)
         return peer.name if peer else f"unknown peer {ident.hex()[:8]}"
 
 

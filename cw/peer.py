@@ -9,8 +9,13 @@
                          handler(kind, header, frames)   (runs in the I/O thread)
 
 The owner never touches the socket: it hands work to the I/O thread with ``call``.
-A WELCOME carrying a new master id means the master restarted (a HELLO to the same master
-only refreshes us there); ``on_welcome(restarted)`` lets the owner resubmit what it held.
+A WELCOME carrying a new master id means the master restarted, and a WHO means it forgot
+us (it timed us out); either way ``on_welcome(resync=True)`` lets the owner resubmit what it
+held. A HELLO to a master that knows us only refreshes us there.
+
+An ``Alias`` is a second socket of the same peer, owned by one other thread, that sends
+without waking the I/O thread (a worker's results, a client's lone job): one thread
+handoff less on the latency path. The master maps it to the peer through HELLO's "alias".
 """
 from __future__ import annotations
 
@@ -54,13 +59,14 @@ class Connection:
         self.host, self.port = host, port
         self.keys = security.keys_for(host, port)
         self.role = role
-        self.info = info
         self.handler = handler
         self.on_welcome = on_welcome
         self.on_silence = on_silence
         self.after_batch = after_batch
         self.log = logger or logging.getLogger(f"cw.{role}")
         self.identity = uuid.uuid4().bytes
+        self.info = {**info, "alias": self.identity + b"+"}
+        self.forgotten = False
         self.master_id: Optional[str] = None
         self.heartbeat_interval = 1.0
         self.heartbeat_timeout = 10.0
@@ -194,8 +200,7 @@ class Connection:
         if kind == P.WELCOME:
             return self._welcome(header)
         if kind == P.WHO:
-            self.log.info("the master does not know us (restarted?); saying HELLO again")
-            return self._hello()
+            return self.forgot()
         if kind == P.REFUSE:
             self.refused = str(header[1])
             self.log.error("the master at %s refused us: %s", self.endpoint, self.refused)
@@ -203,10 +208,19 @@ class Connection:
             return
         self.handler(kind, header, frames[1:])
 
+    def forgot(self) -> None:
+        """The master does not know us (restarted, or timed us out): register again."""
+        if not self.forgotten:
+            self.log.info("the master does not know us (restarted?); saying HELLO again")
+        self.forgotten = True
+        self._hello()
+
     def _welcome(self, header: list) -> None:
         _, version, master_id, info = header
         P.check_version(version)
-        restarted = self.master_id is not None and master_id != self.master_id
+        restarted = self.master_id is not None and (master_id != self.master_id
+                                                    or self.forgotten)
+        self.forgotten = False
         self.master_id = master_id
         interval = float(info.get("heartbeat_interval", self.heartbeat_interval))
         self.heartbeat_timeout = float(info.get("heartbeat_timeout", self.heartbeat_timeout))
@@ -219,3 +233,47 @@ class Connection:
                       " (it restarted)" if restarted else "")
         self.welcomed.set()
         self.on_welcome(restarted)
+
+
+class Alias:
+    """A send-only second socket of a connected peer, for exactly one owner thread."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+        self.sock: Optional[zmq.Socket] = None
+        self.keys: Optional[dict] = None
+
+    def send(self, frames: list) -> None:
+        if self.sock is None or self.keys is not self.conn.keys:
+            self._open()
+        try:
+            self.sock.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            self.conn.log.warning("cannot send to the master: %s", exc)
+        if self.sock.poll(0):  # the master only ever answers an alias with WHO
+            self._drain()
+
+    def close(self, linger: int = 2000) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=linger)
+            self.sock = None
+
+    def _open(self) -> None:
+        self.close(linger=0)
+        sock = self.conn.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, self.conn.info["alias"])
+        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 16), (zmq.LINGER, 2000),
+                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
+            sock.setsockopt(opt, value)
+        self.keys = self.conn.keys
+        security.secure_client(sock, self.keys)
+        sock.connect(self.conn.endpoint)
+        self.sock = sock
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        self.conn.call(self.conn.forgot)

@@ -68,6 +68,7 @@ class Peer:
         self.pid = info.get("pid")
         self.last_seen = now
         self.joined = now
+        self.alias = b""
 
 
 class Client(Peer):
@@ -140,6 +141,7 @@ class Scheduler:
         self.clients: dict[bytes, Client] = {}
         self.by_cid: dict[int, Client] = {}
         self.workers: dict[bytes, Worker] = {}
+        self.aliases: dict[bytes, Peer] = {}   # a peer's second, send-only socket
         self.queue: deque[Job] = deque()
         self.queued = 0            # live (not cancelled) jobs in the queue
         self.routed = 0            # results delivered, ever
@@ -148,17 +150,13 @@ class Scheduler:
         self._dirty: dict[bytes, Client] = {}  # clients with news to flush
 
     # ---------------------------------------------------------------- peers
-    def knows(self, ident: bytes) -> bool:
-        return ident in self.clients or ident in self.workers
-
-    def seen(self, ident: bytes, now: float) -> None:
-        peer = self.clients.get(ident) or self.workers.get(ident)
-        if peer is not None:
-            peer.last_seen = now
+    def peer(self, ident: bytes) -> Optional[Peer]:
+        """The peer behind a socket identity (its own or its alias), if known."""
+        return self.clients.get(ident) or self.workers.get(ident) or self.aliases.get(ident)
 
     def hello(self, ident: bytes, role: str, info: dict, now: float) -> Peer:
         """Register a peer; a HELLO from a known identity only refreshes it."""
-        known = self.clients.get(ident) or self.workers.get(ident)
+        known = self.peer(ident)
         if known is not None:
             known.last_seen = now
             return known
@@ -172,11 +170,20 @@ class Scheduler:
             self.by_cid[peer.cid] = peer
         else:
             raise ProtocolError(f"unknown role {role!r}")
+        alias = info.get("alias")
+        if isinstance(alias, bytes) and alias != ident and self.peer(alias) is None:
+            peer.alias = alias
+            self.aliases[alias] = peer
         log.info("%s %s joined from %s (pid %s)", role, peer.name, peer.host, peer.pid)
         return peer
 
     def peer_gone(self, ident: bytes, reason: str, graceful: bool = False) -> None:
         """Forget a peer; a worker's jobs are re-queued (or failed), a client's dropped."""
+        peer = self.peer(ident)
+        if peer is None:
+            return
+        ident = peer.ident
+        self.aliases.pop(peer.alias, None)
         if ident in self.workers:
             self._worker_gone(self.workers.pop(ident), reason, graceful)
         elif ident in self.clients:
@@ -247,13 +254,15 @@ class Scheduler:
         pos = len(fns)
         for entry in jobs:
             seq, digest, n, opts = _job_entry(entry)
-            if digest not in client.functions:
-                raise ProtocolError(f"job {seq} names a function never sent")
             job = Job(client, seq, digest, frames[pos:pos + n], opts)
             pos += n
             if seq in client.jobs:
                 continue  # resubmitted while still live: keep the first
             client.jobs[seq] = job
+            if digest not in client.functions:  # fail that job, loudly, never silently
+                self._fail(job, ProtocolError(f"job {seq} names a function the master "
+                                              f"was never sent"))
+                continue
             self.queue.append(job)
             self.queued += 1
             client.submitted += 1

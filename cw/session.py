@@ -28,7 +28,7 @@ from . import address
 from . import protocol as P
 from . import serialize
 from .errors import MasterLost, RemoteException, RemoteTraceback, SerializationError
-from .peer import DEFAULT_CONNECT_TIMEOUT, Connection, peer_info
+from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, peer_info
 
 log = logging.getLogger("cw.client")
 
@@ -70,6 +70,7 @@ class Session:
                                on_welcome=self._on_welcome, on_silence=self._on_silence,
                                logger=log)
         self.conn.start(connect_timeout)
+        self.alias = Alias(self.conn)  # a lone job leaves from the submitting thread
 
     # ---------------------------------------------------------------- user side
     def submit(self, func: Callable, args: tuple, kwargs: dict, token: Any,
@@ -82,9 +83,14 @@ class Session:
         with self.lock:
             seq = next(self.seqs)
             job = ClientJob(seq, token, digest, blob, frames, opts)
+            lone = not self.jobs and not self.unsent and not self.flush_asked \
+                and digest in self.master_has  # its function went ahead on the main socket
             self.jobs[seq] = job
-            self.unsent.append(job)
-            self._ask_flush()
+            if lone:  # nothing in flight: no batch to wait for, send it from here
+                self.alias.send(self._message([job]))
+            else:
+                self.unsent.append(job)
+                self._ask_flush()
         return seq
 
     def pending(self) -> int:
@@ -119,6 +125,8 @@ class Session:
         """Leave the master; unsettled jobs are dropped there."""
         if not self.closed:
             self.closed = True
+            with self.lock:
+                self.alias.close()
             self.conn.close()
 
     def _function(self, func: Callable) -> tuple[bytes, bytes]:
@@ -139,11 +147,14 @@ class Session:
 
     # ---------------------------------------------------------------- I/O thread
     def _flush(self) -> None:
-        with self.lock:
+        with self.lock:  # sent under the lock too, so a lone job never overtakes a batch
             self.flush_asked = False
             batch, self.unsent = self.unsent, []
-        if not batch:
-            return
+            if batch:
+                self.conn.send(self._message(batch))
+
+    def _message(self, batch: list[ClientJob]) -> list:
+        """One SUBMIT message; a function goes along the first time only (under lock)."""
         fns, fn_frames, entries, frames = [], [], [], []
         for job in batch:
             if job.digest not in self.master_has:
@@ -152,7 +163,7 @@ class Session:
                 fn_frames.append(job.blob)
             entries.append([job.seq, job.digest, len(job.frames), job.opts])
             frames.extend(job.frames)
-        self.conn.send([P.pack(P.SUBMIT, fns, entries), *fn_frames, *frames])
+        return [P.pack(P.SUBMIT, fns, entries), *fn_frames, *frames]
 
     def _on_message(self, kind: int, header: list, frames: list) -> None:
         if kind == P.RESULTS:

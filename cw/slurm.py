@@ -434,9 +434,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-W", dest="workers", action="store_false",
                    help="do not start/stop the workers")
     p.add_argument("--Xworkers", dest="worker_options", metavar="ARG", action="append",
-                   default=[], help="pass ARG to the workers' sbatch (repeatable)")
+                   default=[], help="pass ARG to the workers' sbatch (repeatable; write "
+                        "--Xworkers=--mem=2G when ARG starts with -)")
     p.add_argument("--Xmaster", dest="master_options", metavar="ARG", action="append",
-                   default=[], help="pass ARG to the master's sbatch (repeatable)")
+                   default=[], help="pass ARG to the master's sbatch (repeatable, as --Xmaster=ARG)")
     p.add_argument("-i", "--isolated", action="store_true", help="one worker per node")
     p.add_argument("-d", "--docker-image", default=None, help="run the workers in this image")
     p.add_argument("--docker-args", default="", help="extra arguments for `docker run`")

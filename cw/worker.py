@@ -36,7 +36,7 @@ from . import address, cli
 from . import protocol as P
 from . import serialize
 from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
-from .peer import Connection, peer_info
+from .peer import Alias, Connection, peer_info
 
 log = logging.getLogger("cw.worker")
 
@@ -87,7 +87,6 @@ class Worker:
         self.out_frames: list = []
         self.out_since = 0.0
         self.out_busy = 0.0
-        self.flush_asked = False
         self.running = True
         # main thread only
         self.functions: dict[tuple[int, bytes], object] = {}
@@ -103,6 +102,7 @@ class Worker:
         """Register, then run jobs until SIGINT/SIGTERM or ``stop()``."""
         log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
         self.conn.start(connect_timeout)
+        self.alias = Alias(self.conn)  # results leave from this thread, on their own socket
         self.conn.call(self._start_flusher)
         try:
             self.loop()
@@ -110,6 +110,7 @@ class Worker:
             log.info("worker %s stopping", self.conn.info["name"])
         finally:
             self.conn.call(self._flush)  # outcomes first, then BYE: the master re-queues the rest
+            self.alias.close()
             self.conn.close()
             log.info("worker %s stopped after %d jobs", self.conn.info["name"], self.jobs_done)
 
@@ -145,8 +146,10 @@ class Worker:
                 self.out_busy += time.perf_counter() - began
                 # flush when idle, or once half of what we held is done (low water): the
                 # master refills us while we run the other half
-                if len(self.out_done) >= len(self.pending) or len(self.out_done) >= FLUSH_MAX:
-                    self._ask_flush()
+                flush = len(self.out_done) >= len(self.pending) or len(self.out_done) >= FLUSH_MAX
+                message = self._take_outbox() if flush else None
+            if message:
+                self.alias.send(message)
             if self._should_recycle():
                 return
 
@@ -229,10 +232,15 @@ class Worker:
         self.out_done.extend(done)
         self.out_frames.extend(frames)
 
-    def _ask_flush(self) -> None:
-        if not self.flush_asked:
-            self.flush_asked = True
-            self.conn.call(self._flush)
+    def _take_outbox(self) -> Optional[list]:
+        """The outbox as one RESULTS message (None if empty), emptied."""
+        if not (self.out_started or self.out_done):
+            return None
+        header = P.pack(P.RESULTS, self.out_started, self.out_done, self.out_busy)
+        message = [header, *self.out_frames]
+        self.out_started, self.out_done, self.out_frames = [], [], []
+        self.out_busy = 0.0
+        return message
 
     # ---------------------------------------------------------------- I/O thread
     def _start_flusher(self) -> None:
@@ -269,15 +277,11 @@ class Worker:
         os._exit(EXIT_RECYCLE)
 
     def _flush(self) -> None:
+        """Send the outbox from the I/O thread (old notes, and before BYE)."""
         with self.cond:
-            self.flush_asked = False
-            if not (self.out_started or self.out_done):
-                return
-            header = P.pack(P.RESULTS, self.out_started, self.out_done, self.out_busy)
-            frames = self.out_frames
-            self.out_started, self.out_done, self.out_frames = [], [], []
-            self.out_busy = 0.0
-        self.conn.send([header, *frames])
+            message = self._take_outbox()
+        if message:
+            self.conn.send(message)
 
     def _on_message(self, kind: int, header: list, frames: list) -> None:
         if kind == P.JOBS:

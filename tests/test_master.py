@@ -167,3 +167,22 @@ def _revive(path):
 class _Plain:
     def __call__(self, x):
         return x + 1
+
+
+def test_job_naming_an_unknown_function_fails_instead_of_vanishing(master):
+    """A client must hear about every job it submitted, even one the master cannot run."""
+    from cw.serialize import loads
+    sock = dealer(master)
+    sock.send(P.pack(P.HELLO, P.VERSION, "client", {"name": "raw"}))
+    assert recv(sock)[0] == P.WELCOME
+    sock.send_multipart([P.pack(P.SUBMIT, [], [[7, b"0" * 16, 1, None]]), b"args"])
+    while True:
+        assert sock.poll(10000), "no answer for the job"
+        frames = sock.recv_multipart()
+        header = P.unpack(frames[0])
+        if header[0] == P.RESULTS:
+            break
+    (seq, status, n), = header[2]
+    assert (seq, status) == (7, P.FAILED)
+    assert "never sent" in str(loads(frames[1:1 + n], "error"))
+    sock.close()
