@@ -134,7 +134,18 @@ def progress(record: dict) -> str:
     return f"[other load {record['foreign_load_cores']:.2f} cores] " + " ".join(shown) + errors
 
 
-def run_all(systems: list[str], reps: int, sizes: Sizes) -> list[dict]:
+def wait_quiet(limit: float) -> float:
+    """Wait up to ``limit`` s until a 1 s sample shows no other load; return the wait."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        sample = procs.ForeignLoad()
+        time.sleep(1.0)
+        if sample.cores() < report.BUSY_CORES:
+            break
+    return time.monotonic() - t0
+
+
+def run_all(systems: list[str], reps: int, sizes: Sizes, quiet_wait: float = 0.0) -> list[dict]:
     """Take turns: every repetition runs every system, in rotated order."""
     records: list[dict] = []
     gone: set[str] = set()
@@ -144,8 +155,10 @@ def run_all(systems: list[str], reps: int, sizes: Sizes) -> list[dict]:
             for name in systems[shift:] + systems[:shift]:
                 if name in gone:
                     continue
+                waited = wait_quiet(quiet_wait) if quiet_wait > 0 else 0.0
                 t0 = time.monotonic()
                 record = run_turn(name, rep, sizes, Path(tmp))
+                record["waited_for_quiet_s"] = round(waited, 1)
                 report.stderr(f"[rep {rep + 1}/{reps}] {name:<11} "
                               f"{time.monotonic() - t0:5.1f}s {progress(record)}")
                 if str(record.get("unavailable", "")).startswith("ImportError"):
@@ -165,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "bench/results-quick.json with --quick)")
     p.add_argument("--png", type=Path, default=None, help="PNG chart (defaults as for --json)")
     p.add_argument("--no-png", action="store_true", help="skip the chart")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                   help="before each turn, wait up to S seconds for other load to stop")
     p.add_argument("--cw-worker-args", default="",
                    help='extra flags for "python -m cw.worker", e.g. "--slots 1"')
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = report.machine_info(REPO)
     report.stderr(report.describe_machine(machine))
     t0 = time.monotonic()
-    records = run_all(args.systems, args.reps, sizes)
+    records = run_all(args.systems, args.reps, sizes, args.quiet_wait)
     machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = report.summarize(records, args.systems)
     rats = report.ratios(summary)
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(args.json, {
         "machine": machine, "sizes": sizes.to_dict(), "reps": args.reps,
         "quick": args.quick, "systems": args.systems,
-        "cw_worker_args": args.cw_worker_args, "duration_s": duration,
+        "cw_worker_args": args.cw_worker_args, "quiet_wait_s": args.quiet_wait, "duration_s": duration,
         "metrics": {m.key: {"label": m.label, "unit": m.unit,
                             "higher_is_better": m.higher_is_better} for m in report.METRICS},
         "summary": summary, "cw_over_peer": rats, "records": records})
