@@ -54,5 +54,6 @@ def slurm_problem() -> str:
     except subprocess.TimeoutExpired:
         return "SLURM is not running (sinfo timed out)"
     if proc.returncode != 0:
-        return f"SLURM is not running (sinfo: {proc.stderr.strip()})"
+        last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
+        return f"SLURM is not running (sinfo: {last}); start it with tests/slurm/local_slurm.sh"
     return ""

@@ -1,7 +1,8 @@
 """The SLURM launcher (cw.slurm, ./slurm.py) against a real SLURM.
 
-Needs a running SLURM where this user may submit (CI: ``tests/slurm/local_slurm.sh start``
-as root first); skips otherwise. Each test has its own CW_HOME (conftest), which the jobs
+The ``slurm``-marked tests need a running SLURM where this user may submit (CI:
+``tests/slurm/local_slurm.sh start`` as root first) and skip otherwise; the others check
+what reaches sbatch through fake SLURM commands and run everywhere. Each test has its own CW_HOME (conftest), which the jobs
 inherit, so "no process left behind" means: no live process with that CW_HOME.
 """
 from __future__ import annotations
@@ -20,8 +21,7 @@ from cw.status import status
 from slurm_conftest_helpers import ROOT, parent_of, pids_of, processes_with_env, slurm_problem
 
 _problem = slurm_problem()
-pytestmark = [pytest.mark.slurm,
-              pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")]
+needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")
 
 
 @pytest.fixture
@@ -33,11 +33,13 @@ def cw_jobs(cw_home):
     slurm.stop()
 
 
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "slurm.py"), *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slurm
+@needs_slurm
 @pytest.mark.timeout(90)
 def test_cli_start_runs_jobs_on_four_workers_and_stop_leaves_nothing(cw_jobs):
     started = run_cli("-n", "4", "--port", "0", "--timeout", "45", "start")
@@ -64,15 +66,19 @@ def test_cli_start_runs_jobs_on_four_workers_and_stop_leaves_nothing(cw_jobs):
     assert "nothing to stop" in run_cli("stop").stdout
 
 
+@pytest.mark.slurm
+@needs_slurm
 @pytest.mark.timeout(60)
 def test_a_pending_master_fails_start_with_slurms_reason(cw_jobs):
     with pytest.raises(LaunchError, match=r"cmaster job \d+ still PENDING after 2 s "
                                           r"\(reason: (?!None)\w+\)"):
-        slurm.start(1, port=0, master_options=["--cpus-per-task=1024"], timeout=30,
-                    pending_timeout=2)
+        slurm.start(0, workers=False, port=0, master_options=["--cpus-per-task=1024"],
+                    timeout=30, pending_timeout=2)
     assert slurm.jobs() == []  # start cancelled what it had submitted
 
 
+@pytest.mark.slurm
+@needs_slurm
 @pytest.mark.timeout(90)
 def test_launch_chooses_slurm_and_allocate_cancels_on_error(cw_jobs):
     assert launch.slurm_available()
@@ -86,7 +92,68 @@ def test_launch_chooses_slurm_and_allocate_cancels_on_error(cw_jobs):
     assert processes_with_env(f"CW_HOME={cw_jobs}") == []
 
 
+@pytest.mark.slurm
+@needs_slurm
 @pytest.mark.timeout(30)
 def test_master_host_is_none_without_a_master_job(cw_jobs):
     assert slurm.master_host() is None
     assert slurm.master_address(timeout=0.3) is None
+
+
+FAKE_SBATCH = """#!/bin/sh
+echo "sbatch $*" >> "$FAKE_LOG"; cat >> "$FAKE_LOG"; echo 7
+"""
+# once submitted, a master job that runs (but no master answers) until scancel is called
+FAKE_SQUEUE = """#!/bin/sh
+[ -e "$FAKE_LOG" ] && [ ! -e "$FAKE_LOG.cancelled" ] && echo "7|cmaster|RUNNING|nodeA|cw-port=6000|None"
+exit 0
+"""
+FAKE_SCANCEL = """#!/bin/sh
+echo "scancel $*" >> "$FAKE_LOG"; touch "$FAKE_LOG.cancelled"
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """sbatch/squeue/scancel stand-ins on PATH that log what they were given."""
+    bin_dir = tmp_path / "fake-bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("squeue", FAKE_SQUEUE),
+                       ("scancel", FAKE_SCANCEL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "fake-slurm.log"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "FAKE_LOG": str(log)}
+    return env, log
+
+
+@pytest.mark.timeout(60)
+def test_cli_options_reach_sbatch_and_a_failed_start_cancels(fake_slurm, cw_home):
+    env, log = fake_slurm
+    failed = run_cli("-n", "3", "-i", "--partition", "p1", "--time", "5", "--port", "6000",
+                     "--Xmaster=--qos=high", "--Xworkers=--mem=1G", "--timeout", "1",
+                     "start", env=env)
+    assert failed.returncode == 1
+    assert "did not answer" in failed.stderr and "nodeA:6000" in failed.stderr
+    text = log.read_text()
+    master, workers = text.split("sbatch ")[1:]
+    assert "--job-name=cmaster" in master and "--comment=cw-port=6000" in master
+    assert "--partition=p1 --time=5 --qos=high" in master
+    assert f"-m cw.master --port 6000 --connection-file {cw_home}/default.json" in master
+    assert "--job-name=cworkers" in workers and "--ntasks=3" in workers
+    assert "--partition=p1 --time=5 --ntasks-per-node=1 --mem=1G" in workers
+    assert f"export CW_HOME={cw_home}" in workers
+    assert "exec srun " in workers and "-m cw.worker --slurm" in workers
+    assert "scancel -s INT 7" in text and "scancel -s INT --batch 7" in text
+
+
+@pytest.mark.timeout(60)
+def test_docker_workers_are_told_the_master(fake_slurm, cw_home):
+    env, log = fake_slurm
+    run_cli("-n", "2", "-d", "img:1", "--docker-args", "--gpus all", "--port", "6000",
+            "--timeout", "1", "start", env=env)
+    workers = log.read_text().split("sbatch ")[2]
+    assert (f"exec srun docker run -i --rm --init --network=host -e CW_HOME={cw_home} "
+            f"-v {cw_home}:{cw_home} --gpus all img:1 python -m cw.worker nodeA --port 6000"
+            in workers)
