@@ -72,8 +72,12 @@ class SlurmCluster:
 
 # ------------------------------------------------------------------ squeue
 def _run(argv: list[str], input: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Run a SLURM command (bounded); LaunchError if it is missing or hangs."""
     log.debug("running %s", shlex.join(argv))
-    return subprocess.run(argv, input=input, capture_output=True, text=True, timeout=60)
+    try:
+        return subprocess.run(argv, input=input, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LaunchError(f"cannot run {argv[0]}: {exc}") from exc
 
 
 def _first_node(nodelist: str) -> str:
@@ -120,7 +124,7 @@ def _running_master(timeout: float) -> Optional[Job]:
     for _ in _poll(timeout):
         try:
             found = [j for j in jobs([JOB_MASTER]) if j.state == "RUNNING" and j.node]
-        except (LaunchError, OSError, subprocess.TimeoutExpired) as exc:
+        except LaunchError as exc:
             log.debug("cannot ask squeue: %s", exc)
             return None
         if found:
@@ -157,12 +161,11 @@ def find_master(timeout: float = 300.0) -> tuple[str, int]:
 
 
 # ------------------------------------------------------------------ start
-def _script(*commands: list[str], exports: dict) -> str:
-    """A batch script that exports ``exports`` and execs the last command."""
-    lines = ["#!/bin/sh"]
-    lines += [f"export {k}={shlex.quote(v)}" for k, v in exports.items()]
-    lines += [shlex.join(c) for c in commands[:-1]]
-    lines.append("exec " + shlex.join(commands[-1]))
+def _script(command: list[str]) -> str:
+    """A batch script that exports what jobs need (``_exports``) and execs ``command``, so
+    that ``scancel --batch`` signals the command itself."""
+    lines = ["#!/bin/sh", *(f"export {k}={shlex.quote(v)}" for k, v in _exports().items()),
+             "exec " + shlex.join(command)]
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +214,7 @@ def _submit_master(port: int, options: Sequence[str], log_level: str) -> str:
     _clear_stale_connection_file()
     command = [sys.executable, "-m", "cw.master", "--port", str(port), "--connection-file",
                str(address.default_connection_file()), "--log-level", log_level]
-    return _sbatch(JOB_MASTER, _script(command, exports=_exports()),
+    return _sbatch(JOB_MASTER, _script(command),
                    ["--ntasks=1", f"--comment={PORT_TAG}{port}", *options])
 
 
@@ -227,7 +230,7 @@ def _worker_command(docker_image: Optional[str], docker_args: str, master: Optio
 
 
 def _submit_workers(n: int, options: Sequence[str], command: list[str]) -> str:
-    script = _script(["srun", *command], exports=_exports())
+    script = _script(["srun", *command])
     return _sbatch(JOB_WORKERS, script, [f"--ntasks={n}", *options])
 
 
