@@ -132,3 +132,14 @@ def worker_names(host: str, port: int) -> frozenset:
         return frozenset(w["name"] for w in status(host, port, timeout=2.0)["workers"])
     except MasterUnreachable:
         return frozenset()
+
+
+def print_master_status(host: Optional[str], port: Optional[int] = None) -> int:
+    """For the launchers' ``status`` commands: print the master's table; 1 if it is silent."""
+    from .status import format_table, status
+    try:
+        print(format_table(status(host, port, timeout=2.0)))
+    except MasterUnreachable as exc:
+        print(exc)
+        return 1
+    return 0

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import ContextManager, Iterator, Optional
 
 from . import address
-from .launch import LaunchError, allocated, child_env, log_tail, wait_until_up, worker_names
+from .launch import (LaunchError, allocated, child_env, log_tail, print_master_status,
+                     wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -319,16 +320,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _print_status(host: Optional[str], port: Optional[int]) -> int:
-    from .errors import MasterUnreachable
-    from .status import format_table, status
     lines = describe_state()
     print("\n".join(lines) if lines else f"no processes recorded in {state_file()}")
-    try:
-        print(format_table(status(host, port, timeout=2.0)))
-    except MasterUnreachable as exc:
-        print(exc)
-        return 1
-    return 0
+    return print_master_status(host, port)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from typing import ContextManager, Iterator, Optional, Sequence
 
 from . import address
 from .errors import MasterUnreachable
-from .launch import LaunchError, allocated, log_tail, pythonpath, wait_until_up, worker_names
+from .launch import (LaunchError, allocated, log_tail, print_master_status, pythonpath,
+                     wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
 
 log = logging.getLogger(__name__)
@@ -456,16 +457,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_status() -> int:
-    from .status import format_table, status
     found = jobs()
     print("\n".join(j.describe() for j in found) if found else "no cw jobs in squeue")
     has_file = address.read_connection_file(address.default_connection_file())
-    try:
-        print(format_table(status(None if has_file else master_address(), timeout=2.0)))
-    except MasterUnreachable as exc:
-        print(exc)
-        return 1
-    return 0
+    return print_master_status(None if has_file else master_address())
 
 
 if __name__ == "__main__":
