@@ -8,5 +8,6 @@ See README.rst for the guide; ``cw.client`` for the APIs.
 """
 __version__ = "0.1.0"
 
+from .launch import allocate, start, stop  # noqa: F401  (SLURM when present, else local)
 from .errors import (CwError, JobTimeout, MasterLost, MasterUnreachable, ProtocolError,  # noqa: F401
                      RemoteException, SerializationError, WorkerLost)

@@ -15,14 +15,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 from typing import Callable, Optional
 
 from .protocol import DEFAULT_PORT
 
-# finders tried when nothing explicit names the master (the SLURM launcher adds one)
-FINDERS: list[Callable[[], Optional[str]]] = []
+def _slurm_finder() -> Optional[str]:
+    """The master of this user's running ``cmaster`` SLURM job, if any (no waiting)."""
+    if not shutil.which("squeue"):
+        return None
+    from . import slurm
+    return slurm.master_address()
+
+
+# finders tried when nothing explicit names the master
+FINDERS: list[Callable[[], Optional[str]]] = [_slurm_finder]
 
 
 def cw_home() -> Path:

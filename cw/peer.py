@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import sys
+import signal
 import threading
 import time
 import uuid
@@ -123,6 +124,7 @@ class Connection:
         self.reader.kick()
 
     def _run(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self.loop = IOLoop(make_current=False)
         self.ctx = zmq.Context()
         self.sock = self._connect()

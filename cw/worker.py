@@ -359,6 +359,8 @@ def error_frames(exc: BaseException) -> list:
 def run_child(args: argparse.Namespace) -> int:
     """Body of one worker process."""
     def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise WorkerShutdown(signal.Signals(signum).name)
 
     def time_up(signum, frame):
@@ -475,6 +477,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                  help="give up if no master answers within this many seconds; 0 waits "
                       "for ever")
     cli.add_logging_flags(parser)
+    parser.add_argument("--slurm", action="store_true",
+                        help="find the master through SLURM: $CW_HOME/default.json, else the "
+                             "node of this user's running cmaster job in squeue")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -497,6 +502,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     cli.setup_logging(args.log_level, args.log_file, f"{role} {os.uname().nodename}:{os.getpid()}")
     if args.child:
         sys.exit(run_child(args))
+    if args.slurm and not args.host:
+        from . import slurm
+        args.host, args.port = slurm.find_master(args.connect_timeout or 300.0)
     sys.exit(Supervisor(child_argv(args), max(1, args.processes)).run())
 
 
