@@ -108,6 +108,13 @@ class StatusHandler(RequestHandler):
         self.write(json.dumps(snapshot(self.master, self.throughput)))
 
 
+def _log_request(handler: RequestHandler) -> None:
+    """Requests at DEBUG: a page polling every second must not fill the master's log."""
+    status = handler.get_status()
+    log.log(logging.WARNING if status >= 500 else logging.DEBUG, "%d %s %.1f ms", status,
+            handler.request.uri, 1000 * handler.request.request_time())
+
+
 def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTTPServer:
     """Serve the dashboard for ``master`` on ``host:port`` (0: a free port) from its IOLoop.
 
@@ -122,7 +129,8 @@ def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTT
 
     app = Application([(r"/", PageHandler),
                        (r"/status\.json", StatusHandler,
-                        {"master": master, "throughput": throughput})])
+                        {"master": master, "throughput": throughput})],
+                      log_function=_log_request)
     try:
         sockets = bind_sockets(port, host)
     except OSError as exc:

@@ -212,7 +212,9 @@ class Master:
             return
         peer = state.peer(ident)
         if peer is None:
-            if kind != P.BYE:
+            # an unknown alias (send-only) is never answered: its peer's main socket
+            # heartbeats, gets the WHO there, and re-registers
+            if kind != P.BYE and not P.is_alias(ident):
                 self._send(ident, [P.pack(P.WHO)])
             return
         now = time.monotonic()

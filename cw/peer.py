@@ -66,7 +66,7 @@ class Connection:
         self.after_batch = after_batch
         self.log = logger or logging.getLogger(f"cw.{role}")
         self.identity = uuid.uuid4().bytes
-        self.info = {**info, "alias": self.identity + b"+"}
+        self.info = {**info, "alias": P.alias_of(self.identity)}
         self.forgotten = False
         self.master_id: Optional[str] = None
         self.heartbeat_interval = 1.0
@@ -238,7 +238,11 @@ class Connection:
 
 
 class Alias:
-    """A send-only second socket of a connected peer, for exactly one owner thread."""
+    """A send-only second socket of a connected peer, for exactly one owner thread.
+
+    The master never writes to it (not even WHO: that goes to the main socket), so
+    nothing stale can arrive here after a master restart.
+    """
 
     def __init__(self, conn: Connection):
         self.conn = conn
@@ -252,8 +256,6 @@ class Alias:
             self.sock.send_multipart(frames, copy=False)
         except zmq.ZMQError as exc:
             self.conn.log.warning("cannot send to the master: %s", exc)
-        if self.sock.poll(0):  # the master only ever answers an alias with WHO
-            self._drain()
 
     def close(self, linger: int = 2000) -> None:
         if self.sock is not None:
@@ -264,18 +266,10 @@ class Alias:
         self.close(linger=0)
         sock = self.conn.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.conn.info["alias"])
-        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 16), (zmq.LINGER, 2000),
+        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 1), (zmq.LINGER, 2000),
                            (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
             sock.setsockopt(opt, value)
         self.keys = self.conn.keys
         security.secure_client(sock, self.keys)
         sock.connect(self.conn.endpoint)
         self.sock = sock
-
-    def _drain(self) -> None:
-        while True:
-            try:
-                self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-        self.conn.call(self.conn.forgot)

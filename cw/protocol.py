@@ -54,6 +54,17 @@ OK = 0       # frames: pickled result, out-of-band buffers...
 ERROR = 1    # frames: pickled exception (may be empty), traceback text
 FAILED = 2   # frames: pickled cw error raised by the master (WorkerLost, ...)
 
+ALIAS_SUFFIX = b"+"  # a peer's send-only second socket: its identity plus this
+
+
+def alias_of(identity: bytes) -> bytes:
+    return identity + ALIAS_SUFFIX
+
+
+def is_alias(identity: bytes) -> bool:
+    return identity.endswith(ALIAS_SUFFIX)
+
+
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 

@@ -171,7 +171,7 @@ class Scheduler:
         else:
             raise ProtocolError(f"unknown role {role!r}")
         alias = info.get("alias")
-        if isinstance(alias, bytes) and alias != ident and self.peer(alias) is None:
+        if alias == P.alias_of(ident) and self.peer(alias) is None:
             peer.alias = alias
             self.aliases[alias] = peer
         log.info("%s %s joined from %s (pid %s)", role, peer.name, peer.host, peer.pid)
