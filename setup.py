@@ -21,7 +21,13 @@ setup(
         "cloudpickle>=2.2,<4",
     ],
     extras_require={
+        "progress": ["tqdm>=4.60"],
+        "joblib": ["joblib>=1.3", "scikit-learn>=1.2"],
+        "all": ["tqdm>=4.60", "joblib>=1.3", "scikit-learn>=1.2"],
         "test": [
+            "tqdm>=4.60",
+            "joblib>=1.3",
+            "scikit-learn>=1.2",
             "pytest>=7",
             "pytest-timeout>=2.1",
             "hypothesis>=6",

@@ -109,19 +109,28 @@ class ClusterExecutor(Executor):
             return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
-            chunksize: int = 1) -> Iterator:
-        """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per job."""
-        return self._map_with(self._opts, fn, iterables, timeout, chunksize)
+            chunksize: int = 1, progress: bool | dict = False) -> Iterator:
+        """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per job.
+
+        ``progress=True`` draws a tqdm bar on stderr, if it is a terminal, as jobs finish;
+        a dict passes ``file``, ``force``, ``desc`` to ``cw.progress.make_bar``.
+        """
+        return self._map_with(self._opts, fn, iterables, timeout, chunksize, progress)
 
     def _map_with(self, opts: Optional[dict], fn: Callable, iterables: tuple,
-                  timeout: Optional[float], chunksize: int) -> Iterator:
+                  timeout: Optional[float], chunksize: int,
+                  progress: bool | dict = False) -> Iterator:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        bar = None
+        if progress:
+            from .progress import map_bar
+            bar = map_bar(progress, iterables, chunksize)
         if chunksize == 1:
-            return self._map(fn, zip(*iterables), timeout, opts)
+            return self._map(fn, zip(*iterables), timeout, opts, bar=bar)
         chunks = self._map(partial(_process_chunk, fn), _get_chunks(*iterables,
                                                                       chunksize=chunksize),
-                           timeout, opts, star=False)
+                           timeout, opts, star=False, bar=bar)
         return _chain_from_iterable_of_lists(chunks)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -149,7 +158,7 @@ class ClusterExecutor(Executor):
         return cancelled
 
     def _map(self, fn: Callable, arg_tuples: Iterable, timeout: Optional[float],
-             opts: Optional[dict], star: bool = True) -> Iterator:
+             opts: Optional[dict], star: bool = True, bar=None) -> Iterator:
         """Submit lazily, at most ``map_window`` jobs in flight; yield results in order."""
         end = None if timeout is None else time.monotonic() + timeout
         pending = iter(arg_tuples)
@@ -158,6 +167,8 @@ class ClusterExecutor(Executor):
         def submit(n: int) -> None:
             for args in itertools.islice(pending, n):
                 futures.append(self._submit(fn, args if star else (args,), {}, opts))
+                if bar is not None:
+                    bar.watch(futures[-1])
 
         submit(self.map_window)  # like Executor.map, the first calls go out at once
 
@@ -172,6 +183,8 @@ class ClusterExecutor(Executor):
             finally:
                 if futures:
                     self.cancel_many(futures)
+                if bar is not None:
+                    bar.close()
         return results()
 
     # ---------------------------------------------------------------- I/O thread
@@ -203,8 +216,9 @@ class ExecutorOptions:
         return self._executor._submit(fn, args, kwargs, self._opts)
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
-            chunksize: int = 1) -> Iterator:
-        return self._executor._map_with(self._opts, fn, iterables, timeout, chunksize)
+            chunksize: int = 1, progress: bool | dict = False) -> Iterator:
+        return self._executor._map_with(self._opts, fn, iterables, timeout, chunksize,
+                                        progress)
 
 
 def job_options(max_retries: int = DEFAULT_MAX_RETRIES,

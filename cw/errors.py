@@ -3,6 +3,7 @@
     CwError
      ├── RemoteException      a job raised on a worker (type not importable here)
      ├── SerializationError   a function, its arguments or its result would not (un)pickle
+     │    └── TooLarge        ... or is larger than the master accepts (--max-message-size)
      ├── ProtocolError        a peer spoke a version or a message we do not understand
      ├── MasterUnreachable    no master answered within the bounded wait
      ├── MasterLost           the master went silent for longer than the client tolerates
@@ -42,6 +43,10 @@ class RemoteException(CwError):
 
 class SerializationError(CwError):
     """A job's function, arguments or result could not be pickled or unpickled."""
+
+
+class TooLarge(SerializationError, ValueError):
+    """A job's function, arguments or result is larger than the master's --max-message-size."""
 
 
 class ProtocolError(CwError):

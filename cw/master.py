@@ -29,7 +29,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import address, cli, security
 from . import protocol as P
-from .errors import ProtocolError
+from .errors import CwError, ProtocolError
 from .scheduler import Client, Scheduler, Worker
 from .zloop import SocketLoop
 
@@ -48,7 +48,8 @@ class Master:
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
                  connection_file: Optional[str] = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 insecure: bool = False):
+                 insecure: bool = False,
+                 dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1"):
         self.bind_host = host
         self.port = port
         self.heartbeat_interval = heartbeat_interval
@@ -61,9 +62,13 @@ class Master:
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
         self.loop: Optional[IOLoop] = None
+        self.dashboard_port = dashboard_port  # None: no dashboard; 0: any free port
+        self.dashboard_host = dashboard_host
+        self.dashboard = None
         self.files: list[Path] = []
         self.welcome_info = {"heartbeat_interval": heartbeat_interval,
-                             "heartbeat_timeout": heartbeat_timeout}
+                             "heartbeat_timeout": heartbeat_timeout,
+                             "max_message_size": max_message_size}
 
     # ---------------------------------------------------------------- life cycle
     def bind(self) -> str:
@@ -126,12 +131,17 @@ class Master:
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
         log.info("master %s listening on tcp://%s", self.state.master_id[:8], self.address)
-        if ready is not None:
-            ready(f"tcp://{self.address}")
         try:
+            if self.dashboard_port is not None:
+                from .dashboard import start_dashboard
+                self.dashboard = start_dashboard(self, self.dashboard_port, self.dashboard_host)
+            if ready is not None:
+                ready(f"tcp://{self.address}")
             self.loop.start()
         finally:
             ticker.stop()
+            if self.dashboard is not None:
+                self.dashboard.stop()
             self.close()
 
     def stop(self, sig: Optional[int] = None) -> None:
@@ -278,6 +288,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_flag(parser, "--insecure", default=False, action="store_true",
                  help="plain TCP without CurveZMQ keys, for experiments; only with a "
                       "loopback --host")
+    cli.add_flag(parser, "--dashboard", default=None, cast=int, metavar="PORT",
+                 help="serve a read-only web dashboard on this port (0: any free port, "
+                      "logged at start); off unless given")
+    cli.add_flag(parser, "--dashboard-host", default="127.0.0.1",
+                 help="address the dashboard binds; it has no authentication, so keep it "
+                      "local and tunnel with ssh -L")
     cli.add_logging_flags(parser)
     return parser.parse_args(argv)
 
@@ -286,9 +302,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
     master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
-                    args.connection_file, args.max_message_size, args.insecure)
+                    args.connection_file, args.max_message_size, args.insecure,
+                    dashboard_port=args.dashboard, dashboard_host=args.dashboard_host)
     master.bind()
-    master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
+    try:
+        master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
+    except CwError as exc:
+        raise SystemExit(f"cw-master: {exc}")
 
 
 def _is_loopback(host: str) -> bool:

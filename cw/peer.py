@@ -34,7 +34,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import protocol as P
 from . import security
-from .errors import MasterUnreachable, ProtocolError
+from .errors import MasterUnreachable, ProtocolError, TooLarge
 from .zloop import SocketLoop
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -71,6 +71,7 @@ class Connection:
         self.master_id: Optional[str] = None
         self.heartbeat_interval = 1.0
         self.heartbeat_timeout = 10.0
+        self.max_message_size = 0  # largest frame the master accepts (0: no limit)
         self.welcomed = threading.Event()
         self.refused: Optional[str] = None
         self.last_heard = time.monotonic()
@@ -226,6 +227,7 @@ class Connection:
         self.master_id = master_id
         interval = float(info.get("heartbeat_interval", self.heartbeat_interval))
         self.heartbeat_timeout = float(info.get("heartbeat_timeout", self.heartbeat_timeout))
+        self.max_message_size = int(info.get("max_message_size", 0))
         if interval != self.heartbeat_interval:
             self.heartbeat_interval = interval
             self.ticker.stop()
@@ -235,6 +237,17 @@ class Connection:
                       " (it restarted)" if restarted else "")
         self.welcomed.set()
         self.on_welcome(restarted)
+
+
+def check_size(frames: list, limit: int, what: str) -> None:
+    """Raise TooLarge if a frame exceeds the master's limit (it would drop our connection)."""
+    if limit <= 0:
+        return
+    for frame in frames:
+        size = memoryview(frame).nbytes
+        if size > limit:
+            raise TooLarge(f"{what} is {size} bytes, larger than the master's "
+                           f"--max-message-size of {limit} bytes")
 
 
 class Alias:

@@ -22,6 +22,7 @@ Everything sent goes through ``send(ident, frames)``, which returns False if the
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections import deque
@@ -146,7 +147,9 @@ class Scheduler:
         self.queued = 0            # live (not cancelled) jobs in the queue
         self.routed = 0            # results delivered, ever
         self.discarded = 0         # results dropped because their client had gone
-        self._next_cid = 1
+        # client ids differ between master runs, so a worker's late result for an old
+        # master's client can never match a new client's job
+        self._next_cid = random.randrange(1, 1 << 40)
         self._dirty: dict[bytes, Client] = {}  # clients with news to flush
 
     # ---------------------------------------------------------------- peers
@@ -327,15 +330,16 @@ class Scheduler:
         for entry in entries:
             cid, seq, ok = entry
             job = worker.assigned.get((cid, seq))
-            client = self.by_cid.get(cid)
-            if job is None or client is None:
+            if job is None:
                 continue
-            if ok:
+            if ok:  # dropped unstarted: the worker no longer holds it, whoever asked
                 del worker.assigned[(cid, seq)]
-                client.jobs.pop(seq, None)
+                job.client.jobs.pop(seq, None)
                 worker.isolated = worker.isolated and bool(worker.assigned)
-            client.out_cancelled.append([seq, bool(ok)])
-            self._dirty[client.ident] = client
+            client = self.by_cid.get(cid)
+            if client is not None:
+                client.out_cancelled.append([seq, bool(ok)])
+                self._dirty[client.ident] = client
 
     def _deliver(self, job: Job, status: int, payload: list) -> None:
         client = job.client
@@ -424,7 +428,8 @@ class Scheduler:
             worker.assigned[(cid, job.seq)] = job
         header = P.pack(P.JOBS, ctxs, fns, entries)
         if not self.send(worker.ident, [header, *fn_frames, *job_frames]):
-            self.peer_gone(worker.ident, "unreachable", graceful=True)
+            # its connection is gone without a goodbye: a death, charged like one
+            self.peer_gone(worker.ident, "unreachable: its connection was lost")
 
     # ---------------------------------------------------------------- status
     def status(self, now: Optional[float] = None) -> dict:

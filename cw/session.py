@@ -28,7 +28,7 @@ from . import address
 from . import protocol as P
 from . import serialize
 from .errors import MasterLost, RemoteException, RemoteTraceback, SerializationError
-from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, peer_info
+from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.client")
 
@@ -80,6 +80,9 @@ class Session:
             raise TypeError(f"{func!r} is not callable")
         digest, blob = self._function(func)
         frames = serialize.dumps((args, kwargs), f"the arguments of {_name(func)}")
+        limit = self.conn.max_message_size
+        check_size([blob], limit, f"the pickled function {_name(func)}")
+        check_size(frames, limit, f"a pickled argument of {_name(func)}")
         with self.lock:
             seq = next(self.seqs)
             job = ClientJob(seq, token, digest, blob, frames, opts)

@@ -36,7 +36,7 @@ from . import address, cli
 from . import protocol as P
 from . import serialize
 from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
-from .peer import Alias, Connection, peer_info
+from .peer import Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.worker")
 
@@ -57,10 +57,11 @@ class JobInterrupted(BaseException):
 
 
 class LocalJob:
-    __slots__ = ("cid", "seq", "digest", "frames", "opts", "_interrupted")
+    __slots__ = ("cid", "seq", "digest", "frames", "opts", "epoch", "_interrupted")
 
-    def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts):
+    def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts, epoch: int):
         self.cid, self.seq, self.digest, self.frames, self.opts = cid, seq, digest, frames, opts
+        self.epoch = epoch  # which registration with the master it came under
 
 
 class Worker:
@@ -87,6 +88,7 @@ class Worker:
         self.out_frames: list = []
         self.out_since = 0.0
         self.out_busy = 0.0
+        self.epoch = 0       # bumped when the master restarted or forgot us
         self.running = True
         # main thread only
         self.functions: dict[tuple[int, bytes], object] = {}
@@ -140,8 +142,8 @@ class Worker:
             self.jobs_done += 1
             with self.cond:
                 self.current, self.deadline = None, 0.0
-                if job.seq < 0:  # the I/O thread reported it timed out already
-                    continue
+                if job.seq < 0 or job.epoch != self.epoch:
+                    continue  # reported already (timed out), or an old master's job
                 self._note([], [[job.cid, job.seq, status, len(frames)]], frames)
                 self.out_busy += time.perf_counter() - began
                 # flush when idle, or once half of what we held is done (low water): the
@@ -179,7 +181,9 @@ class Worker:
             self.in_job = False
             return P.ERROR, error_frames(exc)
         try:
-            return P.OK, serialize.dumps(result, f"the result of job {job.seq}")
+            frames = serialize.dumps(result, f"the result of job {job.seq}")
+            check_size(frames, self.conn.max_message_size, f"the result of job {job.seq}")
+            return P.OK, frames
         except CwError as exc:
             return P.ERROR, error_frames(exc)
 
@@ -301,10 +305,10 @@ class Worker:
     def _jobs(self, ctxs: list, fns: list, entries: list, frames: list) -> None:
         pos = len(fns)
         jobs = []
-        for cid, seq, digest, n, opts in entries:
-            jobs.append(LocalJob(cid, seq, digest, frames[pos:pos + n], opts))
-            pos += n
         with self.cond:
+            for cid, seq, digest, n, opts in entries:
+                jobs.append(LocalJob(cid, seq, digest, frames[pos:pos + n], opts, self.epoch))
+                pos += n
             for cid, cwd, path in ctxs:
                 self.contexts[cid] = (cwd, path)
             for (cid, digest), frame in zip(fns, frames):
@@ -325,6 +329,7 @@ class Worker:
         if not restarted:
             return
         with self.cond:  # the new master knows nothing of what we held
+            self.epoch += 1
             self.pending.clear()
             self.contexts.clear()
             self.blobs.clear()
@@ -388,13 +393,14 @@ class Supervisor:
         self.argv = argv
         self.n = n
         self.children: dict[int, subprocess.Popen] = {}
+        self.born: dict[int, float] = {}
         self.stopping = False
         self.quick_deaths = 0
 
     def spawn(self) -> None:
         proc = subprocess.Popen([sys.executable, "-m", "cw.worker", "--child", *self.argv])
         self.children[proc.pid] = proc
-        self.started = time.monotonic()
+        self.born[proc.pid] = time.monotonic()
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
@@ -417,6 +423,7 @@ class Supervisor:
         proc = self.children.pop(pid, None)
         if proc is None:
             return
+        lived = time.monotonic() - self.born.pop(pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if self.stopping:
             return
@@ -428,13 +435,14 @@ class Supervisor:
         if proc.returncode == EXIT_RECYCLE:
             log.info("worker %d recycled; starting a fresh one", pid)
             return self.spawn()
-        quick = time.monotonic() - self.started < 1.0
-        self.quick_deaths = self.quick_deaths + 1 if quick else 0
-        if self.quick_deaths > 5:
-            log.error("workers keep dying at start (%s); giving up on this slot", how)
-            return
-        log.warning("worker %d died (%s); starting a new one", pid, how)
-        self.spawn()
+        self.quick_deaths = self.quick_deaths + 1 if lived < 1.0 else 0
+        delay = min(30.0, 0.1 * 2 ** self.quick_deaths) if self.quick_deaths > 2 else 0.0
+        log.warning("worker %d died (%s) after %.1f s; starting a new one%s", pid, how, lived,
+                    f" in {delay:.1f} s (it keeps dying at start)" if delay else "")
+        if delay:
+            time.sleep(delay)  # back off, but never give the slot up
+        if not self.stopping:
+            self.spawn()
 
     def _stop(self, signum, frame) -> None:
         if not self.stopping:
