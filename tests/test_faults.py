@@ -339,15 +339,24 @@ def test_master_killed_and_restarted_every_future_resolves_once(procs, tmp_path)
 
 
 @pytest.mark.timeout(60)
-def test_result_computed_for_an_old_masters_client_never_reaches_a_new_one(procs, tmp_path):
-    """After a restart client ids start again at 1: a job of the old master's client 1
-    finishing late on a worker must not be delivered as the new client 1's job."""
+@pytest.mark.parametrize("ends", ["after-the-worker-rejoined", "while-the-master-is-down"])
+def test_result_computed_for_an_old_masters_client_never_reaches_a_new_one(procs, tmp_path,
+                                                                          ends):
+    """After a restart client ids start again: a job of the old master's client finishing
+    late on a worker (its result sent after the worker rejoined, or queued on the worker's
+    socket while no master was up) must not be delivered as a new client's job."""
     first = procs.master()
     port = first.port
     procs.workers(first, 1)
-    script = client_script(tmp_path, """
+    finished = tmp_path / "finished"
+    seconds = 4 if ends == "after-the-worker-rejoined" else 1
+    script = client_script(tmp_path, f"""
+        def old_job():
+            time.sleep({seconds})
+            open({str(finished)!r}, "w").close()
+            return "old client"
         with ClusterExecutor(host, port) as ex:
-            ex.submit(lambda: (time.sleep(4), "old client")[1])
+            ex.submit(old_job)
             print("submitted", flush=True)
             time.sleep(60)
     """)
@@ -357,10 +366,13 @@ def test_result_computed_for_an_old_masters_client_never_reaches_a_new_one(procs
     old.signal(signal.SIGKILL)
     first.signal(signal.SIGKILL)
     first.popen.wait(10)
+    if ends == "while-the-master-is-down":
+        wait_for(finished.exists, 10, "the old job finished")
     second = procs.master(port=port)
     second.wait_workers(1, timeout=20)
-    with executor(second) as ex:  # client 1 of the new master
+    with executor(second) as ex:  # the new master's first client
         assert ex.submit(str, "new client").result(timeout=30) == "new client"
+        assert finished.exists()
 
 
 # -------------------------------------------------------------------- 4. client death
