@@ -428,6 +428,14 @@ class Scheduler:
             worker.assigned[(cid, job.seq)] = job
         header = P.pack(P.JOBS, ctxs, fns, entries)
         if not self.send(worker.ident, [header, *fn_frames, *job_frames]):
+            # the batch never reached it: back to the front of the queue, uncharged and not
+            # suspect; what it held before is charged as in any other death
+            for job in batch:
+                del worker.assigned[(job.client.cid, job.seq)]
+                job.worker = None
+            self.queue.extendleft(reversed(batch))
+            self.queued += len(batch)
+            worker.isolated = False
             # its connection is gone without a goodbye: a death, charged like one
             self.peer_gone(worker.ident, "unreachable: its connection was lost")
 

@@ -5,9 +5,6 @@ killed -9 and restarted on its port, clients SIGKILLed with work in flight, per-
 timeouts and worker recycling. Every wait is a bounded poll (``conftest.wait_for``) or a
 ``result(timeout=...)``; every process is started through the ``procs`` fixture, so it is
 stopped by its process group even when a test fails.
-
-Tests of behaviour the core does not have yet are marked ``xfail(strict=False)`` with
-"not implemented yet: ..."; they fail fast (a missing flag or keyword) rather than time out.
 """
 from __future__ import annotations
 
@@ -233,8 +230,6 @@ def test_worker_found_dead_by_a_failed_send_is_a_lost_worker(procs, master, tmp_
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="not implemented yet: ClusterExecutor(max_retries=) and "
-                          "executor.options(max_retries=)", strict=False)
 def test_max_retries_per_executor_and_per_submit(cluster):
     with executor(cluster, max_retries=1) as ex:
         with pytest.raises(WorkerLost) as info:
@@ -253,7 +248,6 @@ def test_max_retries_per_executor_and_per_submit(cluster):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(reason="not implemented yet: max_retries validation", strict=False)
 def test_max_retries_must_be_a_positive_int(cluster):
     with pytest.raises((TypeError, ValueError)):
         ClusterExecutor(cluster.host, cluster.port, max_retries="3")
@@ -413,8 +407,6 @@ def test_sigkilled_clients_jobs_are_dropped_and_workers_freed(cluster, procs, tm
 
 # -------------------------------------------------------------------- 7. per-job timeout
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(reason="not implemented yet: executor.options(timeout=) / JobTimeout",
-                   strict=False)
 @pytest.mark.parametrize("job", ["sleep", "gil"])
 def test_job_past_its_deadline_fails_with_job_timeout(cluster, job):
     func, arg = (time.sleep, 30) if job == "sleep" else (spin, 30)
@@ -433,7 +425,6 @@ def test_job_past_its_deadline_fails_with_job_timeout(cluster, job):
 
 # -------------------------------------------------------------------- 8. worker recycling
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="not implemented yet: cw.worker --max-jobs", strict=False)
 def test_worker_recycled_after_max_jobs(procs, master):
     assert has_flag("cw.worker", "--max-jobs")
     procs.workers(master, 2, "--max-jobs", "5")
@@ -453,7 +444,6 @@ def grow(mb: int) -> int:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(reason="not implemented yet: cw.worker --max-memory", strict=False)
 def test_worker_recycled_past_max_memory(procs, master):
     assert has_flag("cw.worker", "--max-memory")
     procs.workers(master, 1, "--max-memory", "150")
