@@ -151,6 +151,7 @@ class Scheduler:
         # master's client can never match a new client's job
         self._next_cid = random.randrange(1, 1 << 40)
         self._dirty: dict[bytes, Client] = {}  # clients with news to flush
+        self._cancelling: dict[bytes, Worker] = {}  # workers with cancel requests to send
 
     # ---------------------------------------------------------------- peers
     def peer(self, ident: bytes) -> Optional[Peer]:
@@ -202,7 +203,7 @@ class Scheduler:
                 self.queued -= 1
                 dropped += 1
             elif not job.started:
-                job.worker.out_cancel.append([client.cid, job.seq])
+                self._ask_cancel(job.worker, client.cid, job.seq)
         client.jobs.clear()
         client.functions.clear()
         for worker in self.workers.values():
@@ -282,7 +283,7 @@ class Scheduler:
                 del client.jobs[seq]
                 client.out_cancelled.append([seq, True])
             else:
-                job.worker.out_cancel.append([client.cid, seq])
+                self._ask_cancel(job.worker, client.cid, seq)
                 continue
             self._dirty[client.ident] = client
 
@@ -341,6 +342,10 @@ class Scheduler:
                 client.out_cancelled.append([seq, bool(ok)])
                 self._dirty[client.ident] = client
 
+    def _ask_cancel(self, worker: Worker, cid: int, seq: int) -> None:
+        worker.out_cancel.append([cid, seq])
+        self._cancelling[worker.ident] = worker
+
     def _deliver(self, job: Job, status: int, payload: list) -> None:
         client = job.client
         if client.jobs.pop(job.seq, None) is None or client.ident not in self.clients:
@@ -360,9 +365,10 @@ class Scheduler:
         """Feed workers from the queue, then send every outbox that has news."""
         if self.queued:
             self._dispatch()
-        for worker in list(self.workers.values()):
-            if worker.out_cancel:
-                entries, worker.out_cancel = worker.out_cancel, []
+        cancelling, self._cancelling = self._cancelling, {}
+        for worker in cancelling.values():
+            entries, worker.out_cancel = worker.out_cancel, []
+            if entries and worker.ident in self.workers:
                 self.send(worker.ident, [P.pack(P.CANCEL, entries)])
         dirty, self._dirty = self._dirty, {}
         for client in dirty.values():
@@ -386,7 +392,9 @@ class Scheduler:
         for i, worker in enumerate(ready):
             if not self.queued:
                 break
-            share = -(-self.queued // (len(ready) - i))  # ceil: spread over the rest
+            # spread over the rest (ceil), but never thinner than half of what the worker
+            # may hold: short jobs still travel in batches when hundreds of workers idle
+            share = max(-(-self.queued // (len(ready) - i)), worker.hold // 2)
             batch = self._take(min(worker.free(), share), idle=not worker.assigned)
             if batch:
                 worker.isolated = batch[0].suspect
