@@ -67,13 +67,21 @@ def _mem_gib() -> float | None:
         return None
 
 
-def _git_commit(repo: Path) -> str:
+def _git(repo: Path, *args: str) -> str:
     try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+        out = subprocess.run(["git", "-C", str(repo), *args],
                              capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "none"
+        return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return ""
+
+
+def source_state(path: Path) -> str:
+    """``<commit>`` of the checkout holding ``path``, ``+dirty`` if files under
+    ``path`` differ from it (cw is used from the working tree)."""
+    commit = _git(path, "rev-parse", "--short", "HEAD") or "unknown"
+    dirty = _git(path, "status", "--porcelain", "--", ".")
+    return commit + ("+dirty" if dirty else "")
 
 
 def _version(dist: str) -> str:
@@ -92,7 +100,7 @@ def machine_info(repo: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
-        "repo_commit": _git_commit(repo),
+        "repo_commit": source_state(repo),
         "packages": {p: _version(p) for p in PACKAGES},
         "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

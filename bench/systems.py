@@ -50,7 +50,7 @@ def module_version(name: str) -> str:
         module = __import__(name)
     except Exception:
         return "missing"
-    return str(getattr(module, "__version__", "unknown"))
+    return str(getattr(module, "__version__", getattr(module, "version", "unknown")))
 
 
 class System(ABC):
@@ -141,7 +141,15 @@ class CwSystem(ExecutorSystem):
     worker = None
 
     def versions(self):
-        return {**super().versions(), "worker_args": os.environ.get(CW_WORKER_ARGS, "")}
+        from pathlib import Path
+        from bench.report import source_state
+        try:
+            import cw
+            source = source_state(Path(cw.__file__).parent)
+        except ImportError:
+            source = "missing"
+        return {**super().versions(), "source": source,
+                "worker_args": os.environ.get(CW_WORKER_ARGS, "")}
 
     def start(self, workers, workdir, timeout):
         # a private CW_HOME: connection files and keys stay in the temp dir
