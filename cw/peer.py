@@ -106,12 +106,12 @@ class Connection:
     def in_io_thread(self) -> bool:
         return threading.current_thread() is self._thread
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Say goodbye, stop the I/O thread and close the socket (idempotent)."""
+    def close(self, timeout: float = 5.0, bye: bool = True) -> None:
+        """Say goodbye (unless the owner did), stop the I/O thread, close the socket."""
         if self._thread is None or not self._thread.is_alive() or self._closing:
             return
         self._closing = True
-        self.call(self._shutdown)
+        self.call(self._shutdown, bye)
         if not self.in_io_thread():
             self._thread.join(timeout)
 
@@ -169,8 +169,8 @@ class Connection:
     def _hello(self) -> None:
         self.send([P.pack(P.HELLO, P.VERSION, self.role, self.info)])
 
-    def _shutdown(self) -> None:
-        if self.welcomed.is_set() and not self.refused:
+    def _shutdown(self, bye: bool = True) -> None:
+        if bye and self.welcomed.is_set() and not self.refused:
             self.send([P.pack(P.BYE)])
         self.ticker.stop()
         self.reader.close()

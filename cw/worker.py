@@ -111,10 +111,20 @@ class Worker:
         except WorkerShutdown:
             log.info("worker %s stopping", self.conn.info["name"])
         finally:
-            self.conn.call(self._flush)  # outcomes first, then BYE: the master re-queues the rest
-            self.alias.close()
-            self.conn.close()
+            self._leave()
             log.info("worker %s stopped after %d jobs", self.conn.info["name"], self.jobs_done)
+
+    def _leave(self) -> None:
+        """Last outcomes, then BYE, on one socket (so in that order); the master re-queues
+        whatever else we held. A BYE on the other socket could overtake the results."""
+        with self.cond:
+            message = self._take_outbox()
+        if message:
+            self.alias.send(message)
+        if self.conn.welcomed.is_set():
+            self.alias.send([P.pack(P.BYE)])
+        self.alias.close()
+        self.conn.close(bye=False)
 
     def stop(self) -> None:
         with self.cond:
