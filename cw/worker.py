@@ -41,7 +41,7 @@ from .peer import Alias, Connection, check_size, peer_info
 log = logging.getLogger("cw.worker")
 
 DEFAULT_SLOTS = 64         # most jobs a worker holds (the master adapts it to job length)
-FLUSH_INTERVAL = 0.005     # seconds a started/done note may wait before it is sent
+FLUSH_INTERVAL = 0.025     # seconds a started/done note may wait (the I/O thread's tick)
 FLUSH_MAX = 256            # notes that force a flush
 EXIT_FATAL = 3             # the master refused us: the supervisor does not restart us
 EXIT_RECYCLE = 4           # a planned restart (--max-jobs, --max-memory, a stuck timed-out job)
