@@ -39,6 +39,17 @@ def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str =
         time.sleep(interval)
 
 
+def gated(gate: str, value=None):
+    """A job that runs until the file ``gate`` exists, then returns ``value``.
+
+    Tests hold workers busy with it and release them by creating the file; the wait is
+    bounded by the test's timeout.
+    """
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return value
+
+
 class Proc:
     """A child process in its own process group, stopped by pid at teardown."""
 

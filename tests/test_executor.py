@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from cw.client import ClusterExecutor
 from cw.errors import MasterUnreachable, RemoteException, SerializationError
 
-from conftest import wait_for
+from conftest import gated, wait_for
 
 
 def test_map_squares_with_a_lambda(cluster):
@@ -128,17 +129,11 @@ def test_running_only_once_started_and_cancel_of_a_queued_job(cluster, tmp_path)
     gate = tmp_path / "gate"
     ran = tmp_path / "ran"
 
-    def block(name):
-        import os, time
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        return name
-
     def mark():
         open(ran, "w").close()
 
     with ClusterExecutor(cluster.host, cluster.port) as ex:
-        busy = [ex.submit(block, i) for i in range(2)]
+        busy = [ex.submit(gated, str(gate), i) for i in range(2)]
         wait_for(lambda: all(f.running() for f in busy), what="both blockers running")
         queued = ex.submit(mark)
         assert not queued.running()
@@ -153,14 +148,8 @@ def test_running_only_once_started_and_cancel_of_a_queued_job(cluster, tmp_path)
 def test_cancel_of_a_running_job_fails(cluster, tmp_path):
     gate = tmp_path / "gate"
 
-    def block():
-        import os, time
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        return "done"
-
     with ClusterExecutor(cluster.host, cluster.port) as ex:
-        future = ex.submit(block)
+        future = ex.submit(gated, str(gate), "done")
         wait_for(future.running, what="job running")
         assert future.cancel() is False
         gate.touch()
@@ -170,14 +159,8 @@ def test_cancel_of_a_running_job_fails(cluster, tmp_path):
 def test_map_timeout(cluster, tmp_path):
     gate = tmp_path / "gate"
 
-    def block(x):
-        import os, time
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        return x
-
     with ClusterExecutor(cluster.host, cluster.port) as ex:
-        results = ex.map(block, range(4), timeout=0.5)
+        results = ex.map(partial(gated, str(gate)), range(4), timeout=0.5)
         with pytest.raises(cf.TimeoutError):
             next(results)
         gate.touch()
@@ -186,16 +169,10 @@ def test_map_timeout(cluster, tmp_path):
 def test_shutdown_semantics(cluster, tmp_path):
     gate = tmp_path / "gate"
 
-    def block(x):
-        import os, time
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        return x
-
     ex = ClusterExecutor(cluster.host, cluster.port)
-    running = [ex.submit(block, i) for i in range(2)]
+    running = [ex.submit(gated, str(gate), i) for i in range(2)]
     wait_for(lambda: all(f.running() for f in running), what="blockers running")
-    waiting = [ex.submit(block, i) for i in range(2, 6)]
+    waiting = [ex.submit(gated, str(gate), i) for i in range(2, 6)]
     gate.touch()
     ex.shutdown(wait=True, cancel_futures=True)
     assert [f.result(timeout=0) for f in running] == [0, 1]

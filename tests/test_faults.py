@@ -23,7 +23,7 @@ import pytest
 from cw.client import ClientThread, ClusterExecutor
 from cw.errors import JobTimeout, WorkerLost
 
-from conftest import HB, wait_for
+from conftest import HB, gated, wait_for
 
 HB_TIMEOUT = float(HB[HB.index("--heartbeat-timeout") + 1])
 # the master notices a silent worker within its timeout plus a tick or two; a slow CI
@@ -51,13 +51,6 @@ def busy_worker(master, timeout: float = 20.0) -> dict:
     """The status entry of a worker that reports running a job."""
     return wait_for(lambda: next((w for w in master.status()["workers"] if w["job"]), None),
                     timeout, "a worker running a job")
-
-
-def gated(gate: str, value):
-    """A job that runs until the file ``gate`` exists, then returns ``value``."""
-    while not os.path.exists(gate):
-        time.sleep(0.01)
-    return value
 
 
 def exit_worker(delay: float = 0.0):

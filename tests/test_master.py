@@ -16,7 +16,7 @@ from cw import security
 from cw.client import ClusterExecutor
 from cw.errors import ProtocolError
 
-from conftest import Master, wait_for
+from conftest import Master, gated, wait_for
 
 
 def dealer(master):
@@ -115,17 +115,11 @@ def test_status_reports_workers_and_clients(cluster):
 def test_a_gone_clients_queued_jobs_are_dropped_and_late_results_discarded(cluster, tmp_path):
     gate = tmp_path / "gate"
 
-    def block(x):
-        import os, time
-        while not os.path.exists(gate):
-            time.sleep(0.01)
-        return x
-
     first = ClusterExecutor(cluster.host, cluster.port)
-    running = [first.submit(block, i) for i in range(2)]
+    running = [first.submit(gated, str(gate), i) for i in range(2)]
     wait_for(lambda: all(f.running() for f in running), what="blockers running")
     for i in range(20):
-        first.submit(block, i)
+        first.submit(gated, str(gate), i)
     first.shutdown(wait=False)  # leaves: 2 running, the rest queued
     wait_for(lambda: not cluster.status()["clients"], what="client gone")
     assert cluster.status()["queue"] == 0
