@@ -79,7 +79,9 @@ def _git(repo: Path, *args: str) -> str:
 def source_state(path: Path) -> str:
     """``<commit>`` of the checkout holding ``path``, ``+dirty`` if files under
     ``path`` differ from it (cw is used from the working tree)."""
-    commit = _git(path, "rev-parse", "--short", "HEAD") or "unknown"
+    commit = _git(path, "rev-parse", "--short", "HEAD")
+    if not commit:
+        return f"{path} (not in a git checkout)"
     dirty = _git(path, "status", "--porcelain", "--", ".")
     return commit + ("+dirty" if dirty else "")
 

@@ -28,6 +28,7 @@ from bench import procs, report  # noqa: E402
 from bench.systems import CW_WORKER_ARGS, SYSTEMS  # noqa: E402
 from bench.workloads import WORKLOADS, Sizes, WrongResult, warmup  # noqa: E402
 
+CW_PATH = "BENCH_CW_PATH"
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 START_TIMEOUT = 60.0
@@ -83,12 +84,13 @@ def child(name: str, rep: int, sizes: Sizes, out: Path) -> None:
 # ---------------------------------------------------------------- parent side
 
 
-def child_env() -> dict[str, str]:
+def child_env(cw_path: str = "") -> dict[str, str]:
     """Environment for children and workers: the repo first on PYTHONPATH so
-    every worker can import ``bench.workloads`` (and ``cw`` from source)."""
+    every worker can import ``bench.workloads`` (and ``cw`` from source);
+    ``cw_path``, if given, goes before it to use another copy of cw."""
     env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
+    path = [p for p in (cw_path, str(REPO), env.get("PYTHONPATH")) if p]
+    env["PYTHONPATH"] = os.pathsep.join(path)
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
 
@@ -102,7 +104,9 @@ def run_turn(name: str, rep: int, sizes: Sizes, tmp: Path) -> dict:
     cmd = [sys.executable, "-m", "bench", "--child", name, "--child-rep", str(rep),
            "--child-out", str(out), "--child-sizes", json.dumps(sizes.to_dict())]
     with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdin=subprocess.DEVNULL,
+        # cwd is not the repo: "-m" puts the cwd first on sys.path, before --cw-path
+        proc = subprocess.Popen(cmd, cwd=tmp, env=child_env(os.environ.get(CW_PATH, "")),
+                                stdin=subprocess.DEVNULL,
                                 stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             proc.wait(timeout=limit)
@@ -180,6 +184,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-png", action="store_true", help="skip the chart")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                    help="before each turn, wait up to S seconds for other load to stop")
+    p.add_argument("--cw-path", default="", metavar="DIR",
+                   help="import cw from DIR instead of this checkout, e.g. a "
+                        "'git archive HEAD cw' snapshot, so edits in progress do not leak in")
     p.add_argument("--cw-worker-args", default="",
                    help='extra flags for "python -m cw.worker", e.g. "--slots 1"')
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -208,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     procs.become_subreaper()
     os.environ[CW_WORKER_ARGS] = args.cw_worker_args  # read by the cw children
+    os.environ[CW_PATH] = os.path.abspath(args.cw_path) if args.cw_path else ""
     sizes = Sizes.quick() if args.quick else Sizes()
     machine = report.machine_info(REPO)
     report.stderr(report.describe_machine(machine))
@@ -224,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     report.write_json(args.json, {
         "machine": machine, "sizes": sizes.to_dict(), "reps": args.reps,
         "quick": args.quick, "systems": args.systems,
-        "cw_worker_args": args.cw_worker_args, "quiet_wait_s": args.quiet_wait, "duration_s": duration,
+        "cw_worker_args": args.cw_worker_args, "cw_path": args.cw_path, "quiet_wait_s": args.quiet_wait, "duration_s": duration,
         "metrics": {m.key: {"label": m.label, "unit": m.unit,
                             "higher_is_better": m.higher_is_better} for m in report.METRICS},
         "summary": summary, "cw_over_peer": rats, "records": records})
@@ -232,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_png:
         title = (f"cw / peer, median of {args.reps} reps, 2 workers each — "
                  f"{machine['cpu_model']}, {machine['cores']} cores, Python {machine['python']}")
+        busiest = max((r.get("foreign_load_cores", 0.0) for r in records), default=0.0)
+        if busiest > report.BUSY_CORES:
+            title += f"\nmachine not quiet: other load up to {busiest:.2f} cores in a turn"
         problem = report.write_png(args.png, rats, title)
         print(problem or f"png: {args.png}")
     return 0

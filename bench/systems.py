@@ -162,10 +162,11 @@ class CwSystem(ExecutorSystem):
         reader = procs.LineReader(self.master.stdout)
         line = reader.wait_for("cw master listening on", timeout)
         port = int(re.search(r"tcp://[^:\s]+:(\d+)", line).group(1))
+        self.worker_log = os.path.join(workdir, "cw-worker.log")
         self.worker = procs.spawn(
             [sys.executable, "-m", "cw.worker", HOST, "--port", str(port),
              "-n", str(workers), *shlex.split(os.environ.get(CW_WORKER_ARGS, ""))],
-            log_path=os.path.join(workdir, "cw-worker.log"))
+            log_path=self.worker_log)
         self._wait_workers(status, port, workers, deadline, reader)
         self.executor = ClusterExecutor(HOST, port)
 
@@ -175,7 +176,8 @@ class CwSystem(ExecutorSystem):
             for proc in (self.master, self.worker):
                 if proc.poll() is not None:
                     raise RuntimeError(f"{proc.args[2]} exited with {proc.returncode}; "
-                                       f"master said: {list(reader.tail)[-5:]}")
+                                       f"master said: {list(reader.tail)[-3:]}; "
+                                       f"worker said: {self._worker_log_tail()}")
             try:
                 seen = status(HOST, port, timeout=5)["workers"]
             except Exception as exc:  # master not answering yet
@@ -184,6 +186,13 @@ class CwSystem(ExecutorSystem):
                 return
             time.sleep(0.05)
         raise TimeoutError(f"cw: {workers} workers not registered in time; last status: {seen!r}")
+
+    def _worker_log_tail(self, lines: int = 3) -> list[str]:
+        try:
+            with open(self.worker_log, errors="replace") as fh:
+                return fh.read().strip().splitlines()[-lines:]
+        except OSError:
+            return []
 
     def stop(self):
         super().stop()
