@@ -8,6 +8,8 @@ See README.rst for the guide; ``cw.client`` for the APIs.
 """
 __version__ = "0.1.0"
 
+from .status import status  # noqa: F401  (cw.status(host=None) -> dict; the module stays
+#                                           importable as `import cw.status` / `python -m cw.status`)
 from .launch import allocate, start, stop  # noqa: F401  (SLURM when present, else local)
 from .errors import (CwError, JobTimeout, MasterLost, MasterUnreachable, ProtocolError,  # noqa: F401
                      RemoteException, SerializationError, WorkerLost)

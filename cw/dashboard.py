@@ -1,7 +1,7 @@
 """A read-only web dashboard served by the master itself: ``--dashboard PORT``.
 
     master's IOLoop (the only thread that touches the Scheduler)
-      PeriodicCallback(1 s) --> Throughput ring buffer: (wall time, monotonic, routed, queue)
+      Master.throughput (cw.throughput, sampled by the master every second)
       GET /             --> PAGE: one self-contained HTML page (inline CSS + JS, no assets)
       GET /status.json  --> Scheduler.status(now) + throughput_last_minute + series
                                  ^
@@ -20,7 +20,6 @@ from collections import deque
 from typing import TYPE_CHECKING, Optional
 
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import PeriodicCallback
 from tornado.netutil import bind_sockets
 from tornado.web import Application, RequestHandler
 
@@ -29,43 +28,12 @@ from .errors import CwError
 if TYPE_CHECKING:  # pragma: no cover
     from .master import Master
 
+from .throughput import HISTORY, SAMPLE_INTERVAL, WINDOW, Throughput  # noqa: E402,F401
+
 log = logging.getLogger("cw.dashboard")
-
-SAMPLE_INTERVAL = 1.0   # seconds between throughput samples
-HISTORY = 600           # samples kept: ten minutes at one per second
-WINDOW = 60.0           # seconds averaged by throughput_last_minute
-
 
 class DashboardError(CwError):
     """The dashboard could not start (its port is taken, its address is not local...)."""
-
-
-class Throughput:
-    """A ring buffer of (wall, monotonic, routed, queue) samples and the rates they imply."""
-
-    def __init__(self, maxlen: int = HISTORY):
-        self.samples: deque[tuple[float, float, int, int]] = deque(maxlen=maxlen)
-
-    def add(self, wall: float, mono: float, routed: int, queue: int) -> None:
-        """Record one sample; the master calls this once per SAMPLE_INTERVAL."""
-        self.samples.append((wall, mono, routed, queue))
-
-    def rate(self, mono: float, routed: int, window: float = WINDOW) -> float:
-        """Results per second between the oldest sample inside ``window`` and now."""
-        oldest = next((s for s in self.samples if s[1] >= mono - window), None)
-        if oldest is None or mono - oldest[1] <= 0:
-            return 0.0
-        return max(0, routed - oldest[2]) / (mono - oldest[1])
-
-    def series(self) -> list[list]:
-        """``[wall time, routed, results/s since the previous sample, queue]`` per sample."""
-        out, prev = [], None
-        for wall, mono, routed, queue in self.samples:
-            rate = 0.0 if prev is None or mono <= prev[1] else \
-                max(0, routed - prev[2]) / (mono - prev[1])
-            out.append([round(wall, 3), routed, round(rate, 3), queue])
-            prev = (wall, mono, routed, queue)
-        return out
 
 
 class DashboardServer(HTTPServer):
@@ -82,10 +50,7 @@ class DashboardServer(HTTPServer):
 
 def snapshot(master: "Master", throughput: Throughput) -> dict:
     """What ``/status.json`` returns: the master's status plus throughput history."""
-    mono = time.monotonic()
-    info = master.state.status(mono)
-    info["time"] = time.time()
-    info["throughput_last_minute"] = round(throughput.rate(mono, info["routed"]), 3)
+    info = master.status()
     info["series"] = throughput.series()
     return info
 
@@ -121,12 +86,7 @@ def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTT
     Call it on the master's loop thread (``Master.run`` does, once the loop exists). The
     returned server's ``url`` attribute is where it listens; its ``stop()`` stops it.
     """
-    throughput = Throughput()
-
-    def sample() -> None:
-        state = master.state
-        throughput.add(time.time(), time.monotonic(), state.routed, state.queued)
-
+    throughput = master.throughput  # sampled by the master itself
     app = Application([(r"/", PageHandler),
                        (r"/status\.json", StatusHandler,
                         {"master": master, "throughput": throughput})],
@@ -140,9 +100,6 @@ def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTT
     bound = sockets[0].getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     server.url = f"http://{shown}:{bound[1]}/"
-    sample()
-    server.sampler = PeriodicCallback(sample, SAMPLE_INTERVAL * 1000)
-    server.sampler.start()
     log.info("dashboard on %s", server.url)
     return server
 

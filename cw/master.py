@@ -31,6 +31,7 @@ from . import address, cli, security
 from . import protocol as P
 from .errors import CwError, ProtocolError
 from .scheduler import Client, Scheduler, Worker
+from .throughput import SAMPLE_INTERVAL, Throughput
 from .zloop import SocketLoop
 
 log = logging.getLogger("cw.master")
@@ -65,6 +66,7 @@ class Master:
         self.dashboard_port = dashboard_port  # None: no dashboard; 0: any free port
         self.dashboard_host = dashboard_host
         self.dashboard = None
+        self.throughput = Throughput()
         self.files: list[Path] = []
         self.welcome_info = {"heartbeat_interval": heartbeat_interval,
                              "heartbeat_timeout": heartbeat_timeout,
@@ -130,6 +132,9 @@ class Master:
                                              lambda: None)
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
+        self.sample()
+        sampler = PeriodicCallback(self.sample, SAMPLE_INTERVAL * 1000)
+        sampler.start()
         log.info("master %s listening on tcp://%s", self.state.master_id[:8], self.address)
         try:
             if self.dashboard_port is not None:
@@ -140,6 +145,7 @@ class Master:
             self.loop.start()
         finally:
             ticker.stop()
+            sampler.stop()
             if self.dashboard is not None:
                 self.dashboard.stop()
             self.close()
@@ -191,6 +197,19 @@ class Master:
             log.debug("cannot send to %s: %s", ident.hex()[:8], exc)
             return False
 
+    def sample(self) -> None:
+        """Record the routed count for the throughput figures."""
+        state = self.state
+        self.throughput.add(time.time(), time.monotonic(), state.routed, state.queued)
+
+    def status(self) -> dict:
+        """The state snapshot a status request gets: ``Scheduler.status`` plus throughput."""
+        mono = time.monotonic()
+        info = self.state.status(mono)
+        info["time"] = time.time()
+        info["throughput_last_minute"] = round(self.throughput.rate(mono, info["routed"]), 3)
+        return info
+
     def tick(self) -> None:
         """Heartbeat every peer, drop the silent ones, flush what that changed."""
         state = self.state
@@ -218,7 +237,7 @@ class Master:
         if kind == P.HELLO:
             return self._hello(ident, header)
         if kind == P.STATUS:
-            self._send(ident, [P.pack(P.STATUS_REPLY, state.status(time.monotonic()))])
+            self._send(ident, [P.pack(P.STATUS_REPLY, self.status())])
             return
         peer = state.peer(ident)
         if peer is None:

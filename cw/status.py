@@ -3,6 +3,7 @@
     status() --DEALER: [STATUS]--> master --[STATUS_REPLY, {...}]--> dict
 
 The dict: ``master_id``, ``queue`` (jobs waiting), ``routed`` (results delivered),
+``throughput_last_minute`` (results/s), ``time`` (the master's clock),
 ``discarded`` (results dropped because their client had gone), ``workers`` (name, host, pid,
 state, current job and for how long, jobs held, done, failures, seconds since last heard)
 and ``clients`` (name, host, pid, queued, running, done, submitted).
@@ -49,7 +50,8 @@ def format_table(info: dict) -> str:
     """A human-readable summary of ``status()``'s dict."""
     lines = [f"master {info['master_id'][:8]}: {len(info['workers'])} workers, "
              f"{len(info['clients'])} clients, {info['queue']} jobs queued, "
-             f"{info['routed']} results routed"]
+             f"{info['routed']} results routed, "
+             f"{info.get('throughput_last_minute', 0):.1f}/s over the last minute"]
     if info["workers"]:
         lines.append(f"{'worker':<24} {'state':<5} {'held':>4} {'done':>8} {'fail':>5} "
                      f"{'job s':>7} {'heard s':>7}")

@@ -106,8 +106,10 @@ def test_garbage_is_logged_and_dropped_while_jobs_flow(cluster):
 def test_status_reports_workers_and_clients(cluster):
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         assert list(ex.map(abs, range(-10, 0))) == list(range(10, 0, -1))
-        info = cluster.status()
+        import cw
+        info = cw.status(cluster.address)  # the Python API, as the module's function
         assert len(info["workers"]) == 2
+        assert info["throughput_last_minute"] > 0
         assert sum(w["done"] for w in info["workers"]) == 10
         assert info["clients"][0]["done"] == 10 and info["queue"] == 0
 
