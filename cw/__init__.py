@@ -8,8 +8,14 @@ See README.rst for the guide; ``cw.client`` for the APIs.
 """
 __version__ = "0.1.0"
 
-from .status import status  # noqa: F401  (cw.status(host=None) -> dict; the module stays
-#                                           importable as `import cw.status` / `python -m cw.status`)
+import warnings as _warnings
+
+# ``cw.status(host=None)`` is the status function; the module stays importable as
+# ``import cw.status`` and runnable as ``python -m cw.status``. runpy warns that the package
+# imported that module before running it as __main__: harmless, it has no import-time effects.
+_warnings.filterwarnings("ignore", category=RuntimeWarning,
+                         message="'cw.status' found in sys.modules")
+from .status import status  # noqa: E402,F401
 from .launch import allocate, start, stop  # noqa: F401  (SLURM when present, else local)
 from .errors import (CwError, JobTimeout, MasterLost, MasterUnreachable, ProtocolError,  # noqa: F401
                      RemoteException, SerializationError, WorkerLost)
