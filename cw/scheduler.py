@@ -11,6 +11,11 @@
                a lost worker's jobs go back to the front of the queue, or fail with
                WorkerLost once they have lost ``max_retries`` workers.
 
+Work stealing: prefetched jobs can strand behind a long one (or a worker that learned its
+jobs were short may hold too many). When the queue is empty and a worker is idle, the
+master asks the busiest worker to give back the newer half of its unstarted jobs (a CANCEL
+that the master, not a client, sent); what comes back goes to the front of the queue.
+
 A worker may die before its "started" note leaves it (a job that calls os._exit), so the
 master cannot always tell which held job killed it. Every job a dead worker held becomes a
 *suspect*; a suspect is re-run alone on an idle worker, where a death is charged to it
@@ -37,6 +42,7 @@ log = logging.getLogger("cw.master")
 DEFAULT_MAX_RETRIES = 3
 PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)
 MIN_HOLD = 2               # the running job and one prefetched, whatever the job time
+MIN_BATCH = 8              # fewest jobs per JOBS message while the queue allows it
 
 
 class Job:
@@ -105,6 +111,7 @@ class Worker(Peer):
         self.done = 0
         self.failures = 0
         self.isolated = False  # holds one suspect job and nothing else
+        self.stealing: set[tuple[int, int]] = set()  # jobs asked back, not yet answered
         self.out_cancel: list[list] = []
 
     def free(self) -> int:
@@ -119,8 +126,9 @@ class Worker(Peer):
         if jobs <= 0 or busy < 0:
             return
         each = busy / jobs
+        # cautious: a longer job time counts at once, a shorter one only by halves
         self.job_seconds = each if self.job_seconds is None else \
-            0.7 * self.job_seconds + 0.3 * each
+            max(each, 0.5 * self.job_seconds)
         want = int(PREFETCH_SECONDS / max(self.job_seconds, 1e-6))
         self.hold = max(min(self.slots, MIN_HOLD), min(self.slots, want))
 
@@ -313,6 +321,7 @@ class Scheduler:
             job = worker.assigned.pop((cid, seq), None)
             payload = frames[pos:pos + n]
             pos += n
+            worker.stealing.discard((cid, seq))
             if job is None:
                 continue  # not ours any more (cancelled, re-queued after a timeout)
             if job.client.ident not in self.clients:
@@ -330,6 +339,9 @@ class Scheduler:
         """A worker answered cancel requests: ok means it dropped the job unstarted."""
         for entry in entries:
             cid, seq, ok = entry
+            if (cid, seq) in worker.stealing:
+                self._stolen(worker, (cid, seq), bool(ok))
+                continue
             job = worker.assigned.get((cid, seq))
             if job is None:
                 continue
@@ -341,6 +353,35 @@ class Scheduler:
             if client is not None:
                 client.out_cancelled.append([seq, bool(ok)])
                 self._dirty[client.ident] = client
+
+    def _stolen(self, worker: Worker, key: tuple[int, int], ok: bool) -> None:
+        """A steal answered: a job given back goes to the front of the queue."""
+        worker.stealing.discard(key)
+        job = worker.assigned.get(key)
+        if job is None or not ok:
+            return  # finished meanwhile, or started: it stays where it runs
+        del worker.assigned[key]
+        job.worker = None
+        worker.isolated = worker.isolated and bool(worker.assigned)
+        if job.client.ident in self.clients and job.seq in job.client.jobs:
+            self.queue.appendleft(job)
+            self.queued += 1
+
+    def _steal(self) -> None:
+        """Queue empty, a worker idle: take back half the unstarted jobs of the busiest."""
+        idle = sum(1 for w in self.workers.values() if not w.assigned)
+        if not idle:
+            return
+        victim = max((w for w in self.workers.values() if not w.stealing and not w.isolated),
+                     key=lambda w: len(w.assigned), default=None)
+        if victim is None or len(victim.assigned) < 2:
+            return
+        waiting = [j for j in victim.assigned.values() if not j.started]
+        # the newer half, rounded up; the worker's answer is exact (a job it already
+        # started stays), so even the oldest may be asked for
+        for job in waiting[len(waiting) // 2:]:
+            victim.stealing.add((job.client.cid, job.seq))
+            self._ask_cancel(victim, job.client.cid, job.seq)
 
     def _ask_cancel(self, worker: Worker, cid: int, seq: int) -> None:
         worker.out_cancel.append([cid, seq])
@@ -365,6 +406,8 @@ class Scheduler:
         """Feed workers from the queue, then send every outbox that has news."""
         if self.queued:
             self._dispatch()
+        if not self.queued and self.workers:
+            self._steal()
         cancelling, self._cancelling = self._cancelling, {}
         for worker in cancelling.values():
             entries, worker.out_cancel = worker.out_cancel, []
@@ -392,9 +435,10 @@ class Scheduler:
         for i, worker in enumerate(ready):
             if not self.queued:
                 break
-            # spread over the rest (ceil), but never thinner than half of what the worker
-            # may hold: short jobs still travel in batches when hundreds of workers idle
-            share = max(-(-self.queued // (len(ready) - i)), worker.hold // 2)
+            # spread evenly over the rest (ceil), but in batches of at least MIN_BATCH (as
+            # far as the worker may hold): short jobs still travel in batches when hundreds
+            # of workers idle
+            share = max(-(-self.queued // (len(ready) - i)), min(worker.hold, MIN_BATCH))
             batch = self._take(min(worker.free(), share), idle=not worker.assigned)
             if batch:
                 worker.isolated = batch[0].suspect

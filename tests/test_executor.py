@@ -250,3 +250,19 @@ def test_options_validate_and_apply(cluster):
         with pytest.raises(ValueError):
             ex.options(timeout=-1)
         assert list(ex.options(max_retries=5, timeout=30).map(abs, [-1, -2])) == [1, 2]
+
+
+def test_short_jobs_never_strand_behind_a_long_one(cluster, tmp_path):
+    """Workers prefetch; a worker stuck in a long job gives its queued jobs back to an idle
+    one (work stealing), so every short job finishes while the long one still runs."""
+    gate = tmp_path / "gate"
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        assert list(ex.map(abs, range(-500, 0)))  # workers learn that jobs are short
+        long_job = ex.submit(gated, str(gate), "long")
+        short = [ex.submit(abs, -i) for i in range(40)]
+        try:
+            assert [f.result(timeout=30) for f in short] == list(range(40))
+            assert not long_job.done()
+        finally:
+            gate.touch()
+        assert long_job.result(timeout=30) == "long"
