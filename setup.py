@@ -24,6 +24,7 @@ setup(
         "progress": ["tqdm>=4.60"],
         "joblib": ["joblib>=1.3", "scikit-learn>=1.2"],
         "all": ["tqdm>=4.60", "joblib>=1.3", "scikit-learn>=1.2"],
+        "bench": ["loky", "dask[distributed]", "ipyparallel", "matplotlib", "psutil"],
         "test": [
             "tqdm>=4.60",
             "joblib>=1.3",
