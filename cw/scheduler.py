@@ -160,6 +160,7 @@ class Scheduler:
         self._next_cid = random.randrange(1, 1 << 40)
         self._dirty: dict[bytes, Client] = {}  # clients with news to flush
         self._cancelling: dict[bytes, Worker] = {}  # workers with cancel requests to send
+        self._went_idle = False  # a worker emptied since the last steal check
 
     # ---------------------------------------------------------------- peers
     def peer(self, ident: bytes) -> Optional[Peer]:
@@ -322,6 +323,8 @@ class Scheduler:
             payload = frames[pos:pos + n]
             pos += n
             worker.stealing.discard((cid, seq))
+            if not worker.assigned:
+                self._went_idle = True
             if job is None:
                 continue  # not ours any more (cancelled, re-queued after a timeout)
             if job.client.ident not in self.clients:
@@ -369,8 +372,7 @@ class Scheduler:
 
     def _steal(self) -> None:
         """Queue empty, a worker idle: take back half the unstarted jobs of the busiest."""
-        idle = sum(1 for w in self.workers.values() if not w.assigned)
-        if not idle:
+        if all(w.assigned for w in self.workers.values()):
             return
         victim = max((w for w in self.workers.values() if not w.stealing and not w.isolated),
                      key=lambda w: len(w.assigned), default=None)
@@ -406,7 +408,9 @@ class Scheduler:
         """Feed workers from the queue, then send every outbox that has news."""
         if self.queued:
             self._dispatch()
-        if not self.queued and self.workers:
+            self._went_idle = True  # some worker may have been left idle: check for steals
+        if not self.queued and self._went_idle:
+            self._went_idle = False
             self._steal()
         cancelling, self._cancelling = self._cancelling, {}
         for worker in cancelling.values():
@@ -435,10 +439,10 @@ class Scheduler:
         for i, worker in enumerate(ready):
             if not self.queued:
                 break
-            # spread evenly over the rest (ceil), but in batches of at least MIN_BATCH (as
-            # far as the worker may hold): short jobs still travel in batches when hundreds
-            # of workers idle
-            share = max(-(-self.queued // (len(ready) - i)), min(worker.hold, MIN_BATCH))
+            # spread evenly over the rest (ceil); for a worker known to run short jobs (a
+            # large hold) in batches of up to MIN_BATCH, so they still travel in batches when
+            # hundreds of workers idle. Fresh workers and long jobs: one each.
+            share = max(-(-self.queued // (len(ready) - i)), min(worker.hold // 2, MIN_BATCH))
             batch = self._take(min(worker.free(), share), idle=not worker.assigned)
             if batch:
                 worker.isolated = batch[0].suspect
