@@ -54,7 +54,6 @@ class Connection:
                  handler: Callable[[int, list, list], None],
                  on_welcome: Callable[[bool], None] = lambda restarted: None,
                  on_silence: Callable[[float], None] = lambda seconds: None,
-                 after_batch: Callable[[], None] = lambda: None,
                  logger: Optional[logging.Logger] = None):
         self.endpoint = f"tcp://{host}:{port}"
         self.host, self.port = host, port
@@ -63,7 +62,6 @@ class Connection:
         self.handler = handler
         self.on_welcome = on_welcome
         self.on_silence = on_silence
-        self.after_batch = after_batch
         self.log = logger or logging.getLogger(f"cw.{role}")
         self.identity = uuid.uuid4().bytes
         self.info = {**info, "alias": P.alias_of(self.identity)}
@@ -138,10 +136,11 @@ class Connection:
             self.ctx.term()
             self.loop.close(all_fds=False)
 
-    def _connect(self) -> zmq.Socket:
+    def _connect(self, identity: Optional[bytes] = None, rcvhwm: int = 0) -> zmq.Socket:
+        """A DEALER to the master with our keys (``identity``: ours unless an alias's)."""
         sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.identity)
-        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 2000),
+        sock.setsockopt(zmq.IDENTITY, identity or self.identity)
+        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, rcvhwm), (zmq.LINGER, 2000),
                            (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
             sock.setsockopt(opt, value)
         security.secure_client(sock, self.keys)
@@ -149,7 +148,7 @@ class Connection:
         return sock
 
     def _begin(self) -> None:
-        self.reader = SocketLoop(self.loop, self.sock, self._on_message, self.after_batch)
+        self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
         self._hello()
         self.ticker = PeriodicCallback(self._tick, self.heartbeat_interval * 1000)
         self.ticker.start()
@@ -164,7 +163,7 @@ class Connection:
         self.reader.close()
         self.sock.close(linger=0)
         self.sock = self._connect()
-        self.reader = SocketLoop(self.loop, self.sock, self._on_message, self.after_batch)
+        self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
 
     def _hello(self) -> None:
         self.send([P.pack(P.HELLO, P.VERSION, self.role, self.info)])
@@ -277,12 +276,5 @@ class Alias:
 
     def _open(self) -> None:
         self.close(linger=0)
-        sock = self.conn.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, self.conn.info["alias"])
-        for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, 1), (zmq.LINGER, 2000),
-                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
-            sock.setsockopt(opt, value)
         self.keys = self.conn.keys
-        security.secure_client(sock, self.keys)
-        sock.connect(self.conn.endpoint)
-        self.sock = sock
+        self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1)
