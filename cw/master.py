@@ -1,12 +1,13 @@
 """``python -m cw.master``: the routing daemon.
 
-    clients, workers (DEALER) --tcp--> ROUTER --SocketLoop--> Master.on_message
-                                                                 | parse, check role
+    peers on other machines (DEALER) --tcp, CurveZMQ--> ROUTER --.
+    peers on this machine --ipc, a private Unix socket--> ROUTER --+--> Master.on_message
+                                   (cw.local)                        | parse, check role
                                                                  v
                           PeriodicCallback(tick) ----------> Scheduler (all routing state)
                           heartbeats out, silent peers out       | flush() after every batch
                                                                  v
-                                                        ROUTER --> peers
+                                  the ROUTER each peer said HELLO on --> peers
 
 One process, one tornado IOLoop, one thread: the Scheduler has exactly one owner.
 A message that does not parse is logged and dropped; the master never dies of its input.
@@ -20,6 +21,7 @@ import os
 import signal
 import socket
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -27,7 +29,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from . import address, cli, security
+from . import address, cli, local, security
 from . import protocol as P
 from .errors import CwError, ProtocolError
 from .scheduler import Client, Scheduler, Worker
@@ -49,7 +51,7 @@ class Master:
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
                  connection_file: Optional[str] = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-                 insecure: bool = False,
+                 insecure: bool = False, local_socket: bool = True,
                  dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1"):
         self.bind_host = host
         self.port = port
@@ -57,6 +59,10 @@ class Master:
         self.extra_connection_file = connection_file
         self.max_message_size = max_message_size
         self.insecure = insecure
+        self.local_socket = local_socket
+        self.local_endpoint: Optional[str] = None
+        self.local_sock: Optional[zmq.Socket] = None
+        self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
         self.keys: Optional[dict] = None
         self.auth = None
         self.state = Scheduler(self._send, heartbeat_timeout)
@@ -74,14 +80,12 @@ class Master:
 
     # ---------------------------------------------------------------- life cycle
     def bind(self) -> str:
-        """Bind the ROUTER socket; return the ``tcp://host:port`` peers should dial."""
-        sock = self.ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_size)
+        """Bind the ROUTER sockets; return the ``tcp://host:port`` peers should dial.
+
+        TCP first: once it is bound, host and port are ours, and so is the local socket
+        named after them.
+        """
+        sock = self._router()
         host = "*" if self.bind_host in ("", "0.0.0.0", "*") else self.bind_host
         reachable = address.reachable_hostname(self.bind_host)
         self._secure(sock, reachable)
@@ -89,8 +93,32 @@ class Master:
         self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.sock = sock
         self.address = f"{reachable}:{self.port}"
+        if self.local_socket:
+            self._bind_local()
         self._write_connection_files()
         return f"tcp://{self.address}"
+
+    def _router(self) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.ROUTER_HANDOVER, 1),
+                           (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
+                           (zmq.MAXMSGSIZE, self.max_message_size)):
+            sock.setsockopt(opt, value)
+        return sock
+
+    def _bind_local(self) -> None:
+        """The same-machine socket (see cw.local): no keys, its directory is private."""
+        endpoint = local.endpoint_for(self.bind_host, self.port)
+        if endpoint is None:
+            return
+        sock = self._router()
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            log.warning("no local socket: cannot bind %s (%s)", endpoint, exc)
+            sock.close(linger=0)
+            return
+        self.local_sock, self.local_endpoint = sock, endpoint
 
     def _secure(self, sock: zmq.Socket, reachable: str) -> None:
         """CURVE keys and the ZAP handler, or a loud warning with --insecure."""
@@ -126,7 +154,9 @@ class Master:
                 aio.add_signal_handler(sig, self.stop, sig)
             except (ValueError, RuntimeError):  # not the main thread
                 pass
-        self.reader = SocketLoop(self.loop, self.sock, self.on_message, self.state.flush)
+        self.readers = [SocketLoop(self.loop, sock, partial(self.on_message, sock=sock),
+                                   self.state.flush)
+                        for sock in (self.sock, self.local_sock) if sock is not None]
         if self.keys is not None:
             self.monitor_reader = SocketLoop(self.loop, self.monitor, self._on_monitor,
                                              lambda: None)
@@ -135,7 +165,8 @@ class Master:
         self.sample()
         sampler = PeriodicCallback(self.sample, SAMPLE_INTERVAL * 1000)
         sampler.start()
-        log.info("master %s listening on tcp://%s", self.state.master_id[:8], self.address)
+        log.info("master %s listening on tcp://%s%s", self.state.master_id[:8], self.address,
+                 f" and {self.local_endpoint}" if self.local_endpoint else "")
         try:
             if self.dashboard_port is not None:
                 from .dashboard import start_dashboard
@@ -163,7 +194,11 @@ class Master:
             if info and info.get("master_id") == self.state.master_id:
                 path.unlink(missing_ok=True)
         if self.sock is not None:
-            self.reader.close()
+            for reader in self.readers:
+                reader.close()
+            if self.local_sock is not None:
+                self.local_sock.close(linger=0)
+                local.remove(self.local_endpoint)
             if self.keys is not None:
                 self.monitor_reader.close()
                 self.sock.disable_monitor()
@@ -179,6 +214,8 @@ class Master:
         info = {"host": host, "port": self.port, "pid": os.getpid(),
                 "master_id": self.state.master_id, "started": time.time(),
                 "insecure": self.insecure, **(self.keys or {})}
+        if self.local_endpoint:
+            info["local"] = {"endpoint": self.local_endpoint, "machine": local.machine_id()}
         paths = [address.master_connection_file(host, self.port)]
         if self.extra_connection_file:
             paths.append(Path(self.extra_connection_file).expanduser())
@@ -189,9 +226,11 @@ class Master:
                 log.warning("cannot write connection file %s: %s", path, exc)
 
     # ---------------------------------------------------------------- traffic
-    def _send(self, ident: bytes, frames: list) -> bool:
+    def _send(self, ident: bytes, frames: list, sock: Optional[zmq.Socket] = None) -> bool:
+        """Send to a peer: on ``sock``, else on the socket it registered on."""
         try:
-            self.sock.send_multipart([ident, *frames], copy=False)
+            (sock or self.routes.get(ident, self.sock)).send_multipart([ident, *frames],
+                                                                       copy=False)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
             log.debug("cannot send to %s: %s", ident.hex()[:8], exc)
@@ -217,34 +256,37 @@ class Master:
         beat = P.pack(P.HEARTBEAT)
         for ident in [*state.workers, *state.clients]:
             self._send(ident, [beat])
+        for ident in [i for i in self.routes if state.peer(i) is None]:
+            del self.routes[ident]
         state.flush()
-        self.reader.kick()
+        for reader in self.readers:
+            reader.kick()
 
-    def on_message(self, frames: list) -> None:
-        """Handle one message; log and drop anything malformed."""
+    def on_message(self, frames: list, sock: Optional[zmq.Socket] = None) -> None:
+        """Handle one message that came in on ``sock``; log and drop anything malformed."""
         ident = frames[0].bytes
         try:
             if len(frames) < 2:
                 raise ProtocolError("message without header")
             header = P.unpack(frames[1])
-            self._handle(ident, header, frames[2:])
+            self._handle(ident, header, frames[2:], sock or self.sock)
         except (ProtocolError, ValueError, TypeError, KeyError, IndexError) as exc:
             log.warning("dropped a bad message from %s: %s", self._name(ident), exc)
 
-    def _handle(self, ident: bytes, header: list, frames: list) -> None:
+    def _handle(self, ident: bytes, header: list, frames: list, sock: zmq.Socket) -> None:
         kind = header[0]
         state = self.state
         if kind == P.HELLO:
-            return self._hello(ident, header)
+            return self._hello(ident, header, sock)
         if kind == P.STATUS:
-            self._send(ident, [P.pack(P.STATUS_REPLY, self.status())])
+            self._send(ident, [P.pack(P.STATUS_REPLY, self.status())], sock)
             return
         peer = state.peer(ident)
         if peer is None:
             # an unknown alias (send-only) is never answered: its peer's main socket
             # heartbeats, gets the WHO there, and re-registers
             if kind != P.BYE and not P.is_alias(ident):
-                self._send(ident, [P.pack(P.WHO)])
+                self._send(ident, [P.pack(P.WHO)], sock)
             return
         now = time.monotonic()
         peer.last_seen = now
@@ -263,7 +305,7 @@ class Master:
             return state.cancelled(peer, header[1])
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
 
-    def _hello(self, ident: bytes, header: list) -> None:
+    def _hello(self, ident: bytes, header: list, sock: zmq.Socket) -> None:
         if len(header) != 4 or not isinstance(header[3], dict):
             raise ProtocolError("HELLO must be [HELLO, version, role, info]")
         _, version, role, info = header
@@ -274,8 +316,9 @@ class Master:
         except ProtocolError as exc:
             log.warning("refused %s %s from %s: %s", role, info.get("name"),
                         info.get("host"), exc)
-            self._send(ident, [P.pack(P.REFUSE, str(exc))])
+            self._send(ident, [P.pack(P.REFUSE, str(exc))], sock)
             return
+        self.routes[ident] = sock
         self.state.hello(ident, role, info, time.monotonic())
         self._send(ident, [P.pack(P.WELCOME, P.VERSION, self.state.master_id,
                                   self.welcome_info)])
@@ -307,6 +350,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_flag(parser, "--insecure", default=False, action="store_true",
                  help="plain TCP without CurveZMQ keys, for experiments; only with a "
                       "loopback --host")
+    cli.add_flag(parser, "--no-local-socket", default=False, action="store_true",
+                 help="do not offer peers on this machine a private Unix socket (they then "
+                      "use TCP with CurveZMQ like everyone else)")
     cli.add_flag(parser, "--dashboard", default=None, cast=int, metavar="PORT",
                  help="serve a read-only web dashboard on this port (0: any free port, "
                       "logged at start); off unless given")
@@ -319,9 +365,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    cli.tune_malloc()
     cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
     master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
                     args.connection_file, args.max_message_size, args.insecure,
+                    local_socket=not args.no_local_socket,
                     dashboard_port=args.dashboard, dashboard_host=args.dashboard_host)
     master.bind()
     try:

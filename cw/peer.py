@@ -55,9 +55,8 @@ class Connection:
                  on_welcome: Callable[[bool], None] = lambda restarted: None,
                  on_silence: Callable[[float], None] = lambda seconds: None,
                  logger: Optional[logging.Logger] = None):
-        self.endpoint = f"tcp://{host}:{port}"
         self.host, self.port = host, port
-        self.keys = security.keys_for(host, port)
+        self.route = security.route_for(host, port)
         self.role = role
         self.handler = handler
         self.on_welcome = on_welcome
@@ -79,6 +78,11 @@ class Connection:
         self._closing = False
         self._said_hello = time.monotonic()
 
+    @property
+    def endpoint(self) -> str:
+        """Where we dial the master: its local socket on its machine, else tcp://host:port."""
+        return self.route.endpoint
+
     # ---------------------------------------------------------------- owner side
     def start(self, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT) -> None:
         """Start the I/O thread and wait until the master welcomes us (None: for ever)."""
@@ -88,8 +92,8 @@ class Connection:
         self._ready.wait()
         if not self.welcomed.wait(timeout):
             self.close()
-            hint = ("" if self.keys else "; no connection file with its keys was found under "
-                    f"{security.address.cw_home()} (is CW_HOME the master's?)")
+            hint = ("" if self.route.known else "; no connection file with its keys was "
+                    f"found under {security.address.cw_home()} (is CW_HOME the master's?)")
             raise MasterUnreachable(f"no cw master answered at {self.endpoint} within "
                                     f"{timeout:g} s (is `python -m cw.master` running "
                                     f"there?{hint})")
@@ -143,7 +147,7 @@ class Connection:
         for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, rcvhwm), (zmq.LINGER, 2000),
                            (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
             sock.setsockopt(opt, value)
-        security.secure_client(sock, self.keys)
+        security.secure_client(sock, self.route.keys)
         sock.connect(self.endpoint)
         return sock
 
@@ -153,13 +157,14 @@ class Connection:
         self.ticker = PeriodicCallback(self._tick, self.heartbeat_interval * 1000)
         self.ticker.start()
 
-    def _rekey_if_changed(self) -> None:
-        """A master restarted with new keys: reconnect with the keys of its new file."""
-        keys = security.keys_for(self.host, self.port)
-        if keys is None or keys == self.keys:
+    def _reroute_if_changed(self) -> None:
+        """A master restarted with new keys or sockets: reconnect as its new file says."""
+        route = security.route_for(self.host, self.port)
+        if not route.known or route == self.route:
             return
-        self.log.info("the master's keys changed; reconnecting with the new ones")
-        self.keys = keys
+        self.log.info("the master's connection file changed; reconnecting to %s",
+                      route.endpoint)
+        self.route = route
         self.reader.close()
         self.sock.close(linger=0)
         self.sock = self._connect()
@@ -181,7 +186,7 @@ class Connection:
         if silent > self.heartbeat_timeout:
             if now - self._said_hello > self.heartbeat_timeout:
                 self._said_hello = now
-                self._rekey_if_changed()
+                self._reroute_if_changed()
                 self.log.warning("master %s silent for %.0f s; saying HELLO again",
                                  self.endpoint, silent)
                 self._hello()
@@ -259,10 +264,10 @@ class Alias:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.sock: Optional[zmq.Socket] = None
-        self.keys: Optional[dict] = None
+        self.route: Optional[security.Route] = None
 
     def send(self, frames: list) -> None:
-        if self.sock is None or self.keys is not self.conn.keys:
+        if self.sock is None or self.route is not self.conn.route:
             self._open()
         try:
             self.sock.send_multipart(frames, copy=False)
@@ -276,5 +281,5 @@ class Alias:
 
     def _open(self) -> None:
         self.close(linger=0)
-        self.keys = self.conn.keys
+        self.route = self.conn.route
         self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1)

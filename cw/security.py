@@ -11,20 +11,21 @@
       monitor: log refused handshakes                   reach a decoder
 
 The keys live in files only the user can read, on the (usually shared) home directory, so
-every process of that user on the cluster can join and nobody else can. ``--insecure``
-runs plain TCP for experiments on loopback, with a warning.
+every process of that user on the cluster can join and nobody else can. ``route_for``
+prefers the master's private Unix socket when it runs on this machine (see ``cw.local``).
+``--insecure`` runs plain TCP for experiments on loopback, with a warning.
 """
 from __future__ import annotations
 
 import logging
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import address
+from . import address, local
 
 KEY_FIELDS = ("server_public", "server_secret", "client_public", "client_secret")
 
@@ -92,19 +93,42 @@ def describe_event(event: dict) -> str:
     return f"refused a connection: {names.get(event['event'], event['event'])}"
 
 
+class Route(NamedTuple):
+    """How to reach a master: the endpoint to dial and the keys to dial it with."""
+
+    endpoint: str
+    keys: Optional[dict]
+    known: bool  # a connection file for this master was found
+
+
+def route_for(host: str, port: int) -> Route:
+    """The local socket if the master offers one this process can use, else TCP with keys."""
+    info = connection_info(host, port)
+    local_endpoint = local.usable(info.get("local")) if info else None
+    if local_endpoint:
+        return Route(local_endpoint, None, True)
+    return Route(f"tcp://{host}:{port}", keys_for(host, port), info is not None)
+
+
 def keys_for(host: str, port: int) -> Optional[dict]:
-    """The keys of the master at ``host:port``, from the user's connection files, if any.
+    """The keys of the master at ``host:port``, from the user's connection files, if any."""
+    info = connection_info(host, port)
+    return {k: info[k] for k in KEY_FIELDS} if has_keys(info) else None
+
+
+def connection_info(host: str, port: int) -> Optional[dict]:
+    """The connection file of the master at ``host:port`` that this user can see, if any.
 
     Files for the same port are candidates; one whose recorded host is ``host``, or
-    resolves to the same address, wins. None if no file has keys (an insecure master,
-    or one whose files this machine cannot see).
+    resolves to the same address, wins; else the only candidate. None if there is none
+    (a master whose files this machine cannot see).
     """
     home = address.cw_home()
     candidates = [address.default_connection_file(), *sorted((home / "masters").glob("*.json"))]
     matches = []
     for path in candidates:
         info = address.read_connection_file(path)
-        if info and int(info.get("port", -1)) == int(port) and has_keys(info):
+        if info and int(info.get("port", -1)) == int(port):
             matches.append(info)
     for info in matches:
         if _same_host(info["host"], host):

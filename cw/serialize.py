@@ -6,6 +6,10 @@ of their own, so a 10 MB array is never copied into a pickle, msgpack or a joine
 
     obj --cloudpickle(protocol 5)--> [pickle, buffer, buffer, ...] --zmq frames--> loads(pickle, buffers)
 
+Plain ``bytes`` are always copied into the pickle by the pickler (no hook sees them first), so
+a large ``bytes`` argument of a call, or a large ``bytes`` result, is wrapped to travel out of
+band as well (``dumps_call``, ``dumps_result``).
+
 Every failure becomes a SerializationError naming what failed, with the original as cause.
 """
 from __future__ import annotations
@@ -36,6 +40,34 @@ def dumps(obj: Any, what: str) -> list:
         return [cloudpickle.dumps(obj, protocol=5, buffer_callback=keep), *buffers]
     except Exception as exc:
         raise SerializationError(f"cannot pickle {what}: {type(exc).__name__}: {exc}") from exc
+
+
+def dumps_call(args: tuple, kwargs: dict, what: str) -> list:
+    """Pickle a call's ``(args, kwargs)``; large ``bytes`` arguments go out of band."""
+    return dumps((tuple(map(_lift, args)), {k: _lift(v) for k, v in kwargs.items()}), what)
+
+
+def dumps_result(value: Any, what: str) -> list:
+    """Pickle a job's result; a large ``bytes`` result goes out of band."""
+    return dumps(_lift(value), what)
+
+
+class _OutOfBandBytes:
+    """Pickles a ``bytes`` object as ``bytes(buffer)``, the buffer out of band."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def __reduce_ex__(self, protocol):
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _lift(value: Any) -> Any:
+    if type(value) is bytes and len(value) >= OUT_OF_BAND_MIN:
+        return _OutOfBandBytes(value)
+    return value
 
 
 def loads(frames, what: str) -> Any:

@@ -79,7 +79,7 @@ class Session:
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
         digest, blob = self._function(func)
-        frames = serialize.dumps((args, kwargs), f"the arguments of {_name(func)}")
+        frames = serialize.dumps_call(args, kwargs, f"the arguments of {_name(func)}")
         limit = self.conn.max_message_size
         check_size([blob], limit, f"the pickled function {_name(func)}")
         check_size(frames, limit, f"a pickled argument of {_name(func)}")

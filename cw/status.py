@@ -32,8 +32,9 @@ def status(host: Optional[str] = None, port: Optional[int] = None,
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"status-" + uuid.uuid4().bytes)
     try:
-        security.secure_client(sock, security.keys_for(host, port))
-        sock.connect(f"tcp://{host}:{port}")
+        route = security.route_for(host, port)
+        security.secure_client(sock, route.keys)
+        sock.connect(route.endpoint)
         sock.send(P.pack(P.STATUS))
         if not sock.poll(timeout * 1000):
             raise MasterUnreachable(f"no cw master answered at {host}:{port} within "

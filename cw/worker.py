@@ -191,7 +191,7 @@ class Worker:
             self.in_job = False
             return P.ERROR, error_frames(exc)
         try:
-            frames = serialize.dumps(result, f"the result of job {job.seq}")
+            frames = serialize.dumps_result(result, f"the result of job {job.seq}")
             check_size(frames, self.conn.max_message_size, f"the result of job {job.seq}")
             return P.OK, frames
         except CwError as exc:
@@ -516,6 +516,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    cli.tune_malloc()
     role = "worker" if args.child else "supervisor"
     cli.setup_logging(args.log_level, args.log_file, f"{role} {os.uname().nodename}:{os.getpid()}")
     if args.child:

@@ -37,6 +37,21 @@ def test_map_chunksize_and_several_iterables(cluster):
     assert got == [i ** 2 for i in range(50)]
 
 
+def test_large_arguments_and_results_arrive_intact(cluster):
+    """bytes and bytearray buffers of several MB travel as frames of their own;
+    each must come back with its type and every byte."""
+    blob = os.urandom(3 << 20)
+
+    def echo(data, *, extra):
+        return data, type(data).__name__, bytes(extra[:10])
+
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        for data in (blob, bytearray(blob), blob[:100]):
+            got, name, head = ex.submit(echo, data, extra=blob).result(timeout=60)
+            assert (type(got), got, name, head) == (type(data), data, type(data).__name__,
+                                                     blob[:10])
+
+
 def test_as_completed_and_wait(cluster):
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         futures = {ex.submit(str, i): i for i in range(20)}

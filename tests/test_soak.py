@@ -6,7 +6,7 @@ kills the master with SIGKILL twice, restarting it on the same port. Every resul
 correct, none lost, none delivered twice (each client counts its callbacks per job), and
 the restarted master's RSS must come back near its baseline once the clients are gone.
 
-The normal run pushes 100,000 jobs (about 10 s on 2 cores); ``CW_SOAK=1`` pushes
+The normal run pushes 200,000 jobs (about 8 s on 2 cores, long enough for 5 or more kills); ``CW_SOAK=1`` pushes
 1,000,000 for a longer soak; ``CW_SOAK_JOBS=N`` sets any number.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from conftest import wait_for
 from test_faults import client_script, run_client
 
 SOAK_JOBS = int(os.environ.get("CW_SOAK_JOBS") or (1_000_000 if os.environ.get("CW_SOAK")
-                                                    else 100_000))
+                                                    else 200_000))
 KILL_EVERY = 1.1     # seconds between worker kills (the supervisor's "dies at start"
                      # guard counts deaths less than 1 s after any spawn)
 RESTART_AT = (0.25, 0.6)  # fractions of the results at which the master is killed -9
