@@ -96,6 +96,7 @@ class Worker:
         self.base_path = list(sys.path)
         self.base_cwd = os.getcwd()
         self.jobs_done = 0
+        self.flusher: Optional[PeriodicCallback] = None  # I/O thread only
         self.conn = Connection(self.host, self.port, "worker", peer_info(slots=slots),
                                self._on_message, on_welcome=self._on_welcome, logger=log)
 
@@ -105,7 +106,6 @@ class Worker:
         log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
         self.conn.start(connect_timeout)
         self.alias = Alias(self.conn)  # results leave from this thread, on their own socket
-        self.conn.call(self._start_flusher)
         try:
             self.loop()
         except WorkerShutdown:
@@ -257,16 +257,26 @@ class Worker:
         return message
 
     # ---------------------------------------------------------------- I/O thread
-    def _start_flusher(self) -> None:
-        self.flusher = PeriodicCallback(self._flush_if_old, FLUSH_INTERVAL * 1000)
-        self.flusher.start()
+    def _wake_flusher(self) -> None:
+        """Tick while the worker has jobs (they alone make notes and deadlines)."""
+        if self.flusher is None:
+            self.flusher = PeriodicCallback(self._flush_if_old, FLUSH_INTERVAL * 1000)
+        if not self.flusher.is_running():
+            self.flusher.start()
 
     def _flush_if_old(self) -> None:
+        """The tick: send notes that waited long enough, enforce the deadline, and stop
+        ticking once idle (an idle worker then costs nothing but its heartbeats)."""
         now = time.monotonic()
         if (self.out_started or self.out_done) and now - self.out_since >= FLUSH_INTERVAL:
             self._flush()
         if self.deadline and now > self.deadline:
             self._time_up(now)
+        with self.cond:
+            idle = not self.pending and self.current is None and \
+                not (self.out_started or self.out_done)
+        if idle:
+            self.flusher.stop()
 
     def _time_up(self, now: float) -> None:
         """Interrupt a job past its deadline; if it will not yield, report and exit."""
@@ -325,6 +335,7 @@ class Worker:
                 self.blobs[(cid, digest)] = frame
             self.pending.extend(jobs)
             self.cond.notify()
+        self._wake_flusher()
 
     def _cancel(self, entries: list) -> None:
         wanted = {(cid, seq) for cid, seq in entries}
