@@ -253,7 +253,7 @@ class Master:
         """Heartbeat every peer, drop the silent ones, flush what that changed."""
         state = self.state
         state.tick(time.monotonic())
-        beat = P.pack(P.HEARTBEAT)
+        beat = P.pack(P.HEARTBEAT, len(state.workers))
         for ident in [*state.workers, *state.clients]:
             self._send(ident, [beat])
         for ident in [i for i in self.routes if state.peer(i) is None]:
@@ -321,7 +321,7 @@ class Master:
         self.routes[ident] = sock
         self.state.hello(ident, role, info, time.monotonic())
         self._send(ident, [P.pack(P.WELCOME, P.VERSION, self.state.master_id,
-                                  self.welcome_info)])
+                                  {**self.welcome_info, "workers": len(self.state.workers)})])
 
     def _name(self, ident: bytes) -> str:
         peer = self.state.peer(ident)

@@ -69,6 +69,7 @@ class Connection:
         self.heartbeat_interval = 1.0
         self.heartbeat_timeout = 10.0
         self.max_message_size = 0  # largest frame the master accepts (0: no limit)
+        self.master_workers = 0    # workers connected to the master, as it last said
         self.welcomed = threading.Event()
         self.refused: Optional[str] = None
         self.last_heard = time.monotonic()
@@ -203,6 +204,8 @@ class Connection:
             return
         kind = header[0]
         if kind == P.HEARTBEAT:
+            if len(header) > 1 and isinstance(header[1], int):
+                self.master_workers = header[1]
             return
         if kind == P.WELCOME:
             return self._welcome(header)
@@ -232,6 +235,7 @@ class Connection:
         interval = float(info.get("heartbeat_interval", self.heartbeat_interval))
         self.heartbeat_timeout = float(info.get("heartbeat_timeout", self.heartbeat_timeout))
         self.max_message_size = int(info.get("max_message_size", 0))
+        self.master_workers = int(info.get("workers", 0))
         if interval != self.heartbeat_interval:
             self.heartbeat_interval = interval
             self.ticker.stop()

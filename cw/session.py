@@ -8,6 +8,12 @@
     cancel(seqs): round trip through the master and the worker holding the job: True only
                   if the job was removed before it started, so it will never run
 
+Byte window: the master keeps what it is sent in memory until a worker takes it, so a client
+keeps at most ``window()`` bytes of arguments there (``WINDOW_PER_WORKER`` per connected
+worker, at least ``WINDOW_MIN``; one job always fits). Jobs beyond it wait in ``held`` (they
+reference the caller's data, so this costs no copy) and leave, in order, as results free room.
+Small jobs never reach it: 20,000 no-op jobs are under 1 MB.
+
 A function object is pickled once per session (cached by identity) and its blob travels to
 the master once; jobs afterwards name it by digest. Results arriving twice are dropped by seq.
 """
@@ -19,7 +25,7 @@ import os
 import pickle
 import sys
 import threading
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional
 
 import msgpack
@@ -34,14 +40,18 @@ log = logging.getLogger("cw.client")
 
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
+WINDOW_PER_WORKER = 24 << 20   # argument bytes a client keeps at the master, per worker
+WINDOW_MIN = 32 << 20
 
 
 class ClientJob:
-    __slots__ = ("seq", "token", "digest", "blob", "frames", "opts")
+    __slots__ = ("seq", "token", "digest", "blob", "frames", "opts", "size", "held")
 
     def __init__(self, seq, token, digest, blob, frames, opts):
         self.seq, self.token, self.digest, self.blob = seq, token, digest, blob
         self.frames, self.opts = frames, opts
+        self.size = sum(memoryview(f).nbytes for f in frames)
+        self.held = False  # waiting in the client for room in the byte window
 
 
 class Session:
@@ -59,6 +69,8 @@ class Session:
         self.lock = threading.Lock()
         self.jobs: dict[int, ClientJob] = {}      # unsettled jobs, by seq
         self.unsent: list[ClientJob] = []
+        self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
+        self.inflight = 0                          # argument bytes sent and not settled
         self.flush_asked = False
         self.functions: OrderedDict[int, tuple] = OrderedDict()  # id(func) -> (func, digest, blob)
         self.master_has: set[bytes] = set()       # digests sent (I/O thread only)
@@ -89,6 +101,11 @@ class Session:
             lone = not self.jobs and not self.unsent and not self.flush_asked \
                 and digest in self.master_has  # its function went ahead on the main socket
             self.jobs[seq] = job
+            if self.held or not self._fits(job.size):
+                job.held = True
+                self.held.append(job)
+                return seq
+            self.inflight += job.size
             if lone:  # nothing in flight: no batch to wait for, send it from here
                 self.alias.send(self._message([job]))
             else:
@@ -100,12 +117,34 @@ class Session:
         """Jobs submitted and not yet settled."""
         return len(self.jobs)
 
+    def window(self) -> int:
+        """Most argument bytes this client keeps at the master (see the module docstring)."""
+        return max(WINDOW_MIN, WINDOW_PER_WORKER * self.conn.master_workers)
+
+    def _fits(self, size: int) -> bool:  # under lock
+        return not self.inflight or self.inflight + size <= self.window()
+
+    def _settled(self, job: ClientJob) -> None:  # under lock, job just left self.jobs
+        if not job.held:
+            self.inflight -= job.size
+
+    def _admit(self) -> bool:
+        """Move held jobs that now fit to the unsent batch (under lock); True if any moved."""
+        moved = False
+        while self.held and self._fits(self.held[0].size):
+            job = self.held.popleft()
+            job.held = False
+            self.inflight += job.size
+            self.unsent.append(job)
+            moved = True
+        return moved
+
     def cancel(self, seqs: Iterable[int], timeout: float = 10.0) -> dict[int, bool]:
         """Cancel jobs; a job maps to True only if it was removed before it started."""
         answers: dict[int, bool] = {}
         asked: dict[int, list] = {}
         with self.lock:
-            unsent = {j.seq for j in self.unsent}
+            unsent = {j.seq for j in self.unsent} | {j.seq for j in self.held}
             for seq in seqs:
                 if seq in unsent:
                     answers[seq] = True
@@ -115,8 +154,11 @@ class Session:
                     answers[seq] = False
             if unsent & answers.keys():
                 self.unsent = [j for j in self.unsent if j.seq not in answers]
+                self.held = deque(j for j in self.held if j.seq not in answers)
                 for seq in unsent & answers.keys():
-                    del self.jobs[seq]
+                    self._settled(self.jobs.pop(seq))
+                if self._admit():
+                    self._ask_flush()
         if asked:
             self.conn.call(self.conn.send, [P.pack(P.CANCEL, list(asked))])
             for seq, waiter in asked.items():
@@ -188,27 +230,41 @@ class Session:
             pos += n
             with self.lock:
                 job = jobs.pop(seq, None)
+                if job is not None:
+                    self._settled(job)
             if job is None:
                 continue  # delivered already (resubmitted after a master restart)
             error, value = decode_outcome(status, payload, job.seq)
             self._call(self.on_done, job.token, error, value)
+        self._admit_and_flush()
+
+    def _admit_and_flush(self) -> None:
+        """Results freed room in the byte window: send held jobs that now fit."""
+        if self.held:
+            with self.lock:
+                moved = self._admit()
+            if moved:
+                self._flush()
 
     def _cancelled(self, answers: list) -> None:
         for seq, ok in answers:
             with self.lock:
-                if ok:
-                    self.jobs.pop(seq, None)
+                job = self.jobs.pop(seq, None) if ok else None
+                if job is not None:
+                    self._settled(job)
                 waiter = self.cancels.pop(seq, None)
             if waiter is not None:
                 waiter[1] = bool(ok)
                 waiter[0].set()
+        self._admit_and_flush()
 
     def _on_welcome(self, restarted: bool) -> None:
         if not restarted:
             return
         with self.lock:
             self.master_has.clear()
-            self.unsent = sorted(self.jobs.values(), key=lambda j: j.seq)
+            self.unsent = sorted((j for j in self.jobs.values() if not j.held),
+                                 key=lambda j: j.seq)
             waiters, self.cancels = self.cancels, {}
         for waiter in waiters.values():
             waiter[0].set()  # unknown: answer "not cancelled"
@@ -220,6 +276,8 @@ class Session:
             return
         with self.lock:
             lost, self.jobs, self.unsent = list(self.jobs.values()), {}, []
+            self.held.clear()
+            self.inflight = 0
         error = MasterLost(f"the master at {self.conn.endpoint} has been silent for "
                            f"{seconds:.0f} s (master_timeout={self.master_timeout:g} s)")
         log.error("%s; failing %d jobs", error, len(lost))

@@ -52,6 +52,30 @@ def test_large_arguments_and_results_arrive_intact(cluster):
                                                      blob[:10])
 
 
+def test_large_arguments_wait_in_the_client_beyond_the_byte_window(procs, master, tmp_path):
+    """The master keeps at most the byte window of a client's arguments; the rest waits in
+    the client, leaves as results free room, and can still be cancelled there."""
+    procs.workers(master, 1)
+    gate = tmp_path / "gate"
+    blob = os.urandom(6 << 20)
+    with ClusterExecutor(master.host, master.port) as ex:
+        window = ex._session.window()
+        first = ex.submit(gated, str(gate), "first")
+        wait_for(first.running, what="the gated job to start")
+        futures = [ex.submit(len, blob[:-i] if i else blob) for i in range(12)]
+        # 12 x 6 MB = 72 MB, more than the 32 MB window for 1 worker: the master holds the
+        # first ones only, whatever the timing, and the last is cancelled before it left
+        assert 12 * len(blob) > window
+        assert futures[-1].cancel()
+        wait_for(lambda: master.status()["queue"] >= window // len(blob) - 1,
+                 what="the jobs in the window to reach the master")
+        assert master.status()["queue"] <= window // len(blob)
+        gate.touch()
+        assert [f.result(timeout=60) for f in futures[:-1]] == \
+            [len(blob) - i for i in range(11)]
+        assert first.result(timeout=30) == "first" and futures[-1].cancelled()
+
+
 def test_as_completed_and_wait(cluster):
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         futures = {ex.submit(str, i): i for i in range(20)}
