@@ -141,15 +141,18 @@ class Connection:
             self.ctx.term()
             self.loop.close(all_fds=False)
 
-    def _connect(self, identity: Optional[bytes] = None, rcvhwm: int = 0) -> zmq.Socket:
-        """A DEALER to the master with our keys (``identity``: ours unless an alias's)."""
+    def _connect(self, identity: Optional[bytes] = None, rcvhwm: int = 0,
+                 route: Optional[security.Route] = None) -> zmq.Socket:
+        """A DEALER to the master (``identity``: ours unless an alias's; ``route``: ours
+        unless the alias needs another)."""
+        route = route or self.route
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
         for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, rcvhwm), (zmq.LINGER, 2000),
                            (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
             sock.setsockopt(opt, value)
-        security.secure_client(sock, self.route.keys)
-        sock.connect(self.endpoint)
+        security.secure_client(sock, route.keys)
+        sock.connect(route.endpoint)
         return sock
 
     def _begin(self) -> None:
@@ -284,6 +287,12 @@ class Alias:
             self.sock = None
 
     def _open(self) -> None:
+        """Connect as our peer did, unless its local socket has gone since (a tmp cleaner):
+        a socket file that is not there would take our messages and never deliver them.
+        The master maps an alias to its peer whatever socket either came in on."""
         self.close(linger=0)
-        self.route = self.conn.route
-        self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1)
+        self.route = route = self.conn.route
+        if route.endpoint.startswith("ipc://") and \
+                not os.path.exists(route.endpoint[len("ipc://"):]):
+            route = security.route_for(self.conn.host, self.conn.port, allow_local=False)
+        self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1, route=route)

@@ -101,10 +101,10 @@ class Route(NamedTuple):
     known: bool  # a connection file for this master was found
 
 
-def route_for(host: str, port: int) -> Route:
+def route_for(host: str, port: int, allow_local: bool = True) -> Route:
     """The local socket if the master offers one this process can use, else TCP with keys."""
     info = connection_info(host, port)
-    local_endpoint = local.usable(info.get("local")) if info else None
+    local_endpoint = local.usable(info.get("local")) if info and allow_local else None
     if local_endpoint:
         return Route(local_endpoint, None, True)
     return Route(f"tcp://{host}:{port}", keys_for(host, port), info is not None)

@@ -80,3 +80,15 @@ def test_the_socket_file_goes_when_the_master_stops(procs, cw_home):
     assert os.path.exists(path)
     assert master.stop() == 0
     assert not os.path.exists(path)
+
+
+def test_a_removed_socket_file_means_tcp_for_new_peers(cluster, cw_home):
+    """A tmp cleaner or a logout may remove the socket while the master runs: peers that
+    come later use TCP with the keys, peers already connected keep working."""
+    _, info = connection_file(cw_home)
+    with ClusterExecutor(cluster.host, cluster.port) as early:
+        os.unlink(info["local"]["endpoint"][len("ipc://"):])
+        with ClusterExecutor(cluster.host, cluster.port) as late:
+            assert late._session.conn.endpoint.startswith("tcp://")
+            assert late.submit(abs, -6).result(timeout=30) == 6
+        assert early.submit(abs, -7).result(timeout=30) == 7
