@@ -52,10 +52,11 @@ def dumps(obj: Any, what: str, plain: bool = False) -> list:
 
 def dumps_call(args: tuple, kwargs: dict, what: str) -> list:
     """Pickle a call's ``(args, kwargs)``; large ``bytes`` arguments go out of band."""
-    plain = all(type(a) in PLAIN for a in args) and \
-        all(type(v) in PLAIN for v in kwargs.values())
-    return dumps((tuple(map(_lift, args)), {k: _lift(v) for k, v in kwargs.items()}), what,
-                 plain)
+    values = (*args, *kwargs.values()) if kwargs else args
+    plain = all(type(v) in PLAIN for v in values)
+    if any(type(v) is bytes and len(v) >= OUT_OF_BAND_MIN for v in values):
+        args, kwargs = tuple(map(_lift, args)), {k: _lift(v) for k, v in kwargs.items()}
+    return dumps((args, kwargs), what, plain)
 
 
 def dumps_result(value: Any, what: str) -> list:

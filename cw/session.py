@@ -47,10 +47,10 @@ WINDOW_MIN = 32 << 20
 class ClientJob:
     __slots__ = ("seq", "token", "digest", "blob", "frames", "opts", "size", "held")
 
-    def __init__(self, seq, token, digest, blob, frames, opts):
+    def __init__(self, seq, token, digest, blob, frames, opts, size):
         self.seq, self.token, self.digest, self.blob = seq, token, digest, blob
         self.frames, self.opts = frames, opts
-        self.size = sum(memoryview(f).nbytes for f in frames)
+        self.size = size  # bytes of its argument frames
         self.held = False  # waiting in the client for room in the byte window
 
 
@@ -72,7 +72,8 @@ class Session:
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
         self.inflight = 0                          # argument bytes sent and not settled
         self.flush_asked = False
-        self.functions: OrderedDict[int, tuple] = OrderedDict()  # id(func) -> (func, digest, blob)
+        # id(func) -> (func, digest, blob, name)
+        self.functions: OrderedDict[int, tuple] = OrderedDict()
         self.master_has: set[bytes] = set()       # digests sent (I/O thread only)
         self.cancels: dict[int, list] = {}        # seq -> [event, answer]
         self.seqs = itertools.count(1)
@@ -90,14 +91,16 @@ class Session:
         """Queue one call; raise SerializationError at once if it will not pickle."""
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
-        digest, blob = self._function(func)
-        frames = serialize.dumps_call(args, kwargs, f"the arguments of {_name(func)}")
+        digest, blob, name = self._function(func)
+        frames = serialize.dumps_call(args, kwargs, f"the arguments of {name}")
+        sizes = [len(f) for f in frames]  # bytes, and 1-D byte views of large buffers
         limit = self.conn.max_message_size
-        check_size([blob], limit, f"the pickled function {_name(func)}")
-        check_size(frames, limit, f"a pickled argument of {_name(func)}")
+        if limit > 0 and (len(blob) > limit or max(sizes) > limit):
+            check_size([blob], limit, f"the pickled function {name}")
+            check_size(frames, limit, f"a pickled argument of {name}")
         with self.lock:
             seq = next(self.seqs)
-            job = ClientJob(seq, token, digest, blob, frames, opts)
+            job = ClientJob(seq, token, digest, blob, frames, opts, sum(sizes))
             lone = not self.jobs and not self.unsent and not self.flush_asked \
                 and digest in self.master_has  # its function went ahead on the main socket
             self.jobs[seq] = job
@@ -174,16 +177,17 @@ class Session:
                 self.alias.close()
             self.conn.close()
 
-    def _function(self, func: Callable) -> tuple[bytes, bytes]:
+    def _function(self, func: Callable) -> tuple[bytes, bytes, str]:
+        """``(digest, blob, name)`` of a function, pickled once while it stays cached."""
         cached = self.functions.get(id(func))
         if cached is not None and cached[0] is func:
             self.functions.move_to_end(id(func))
-            return cached[1], cached[2]
+            return cached[1:]
         digest, blob = serialize.dumps_function(func)
-        self.functions[id(func)] = (func, digest, blob)
+        self.functions[id(func)] = (func, digest, blob, _name(func))
         if len(self.functions) > FUNCTION_CACHE:
             self.functions.popitem(last=False)
-        return digest, blob
+        return digest, blob, _name(func)
 
     def _ask_flush(self) -> None:  # under lock
         if not self.flush_asked:
