@@ -259,14 +259,14 @@ class Scheduler:
         """Queue a batch of jobs; ``frames`` holds the function frames, then each job's."""
         if not isinstance(fns, list) or not isinstance(jobs, list):
             raise ProtocolError("SUBMIT needs lists of functions and jobs")
-        need = len(fns) + sum(_job_entry(j)[2] for j in jobs)
+        entries = [_job_entry(j) for j in jobs]
+        need = len(fns) + sum(e[2] for e in entries)
         if need != len(frames):
             raise ProtocolError(f"SUBMIT lists {need} frames but carries {len(frames)}")
         for digest, frame in zip(fns, frames):
             client.functions[_digest(digest)] = frame
         pos = len(fns)
-        for entry in jobs:
-            seq, digest, n, opts = _job_entry(entry)
+        for seq, digest, n, opts in entries:
             job = Job(client, seq, digest, frames[pos:pos + n], opts)
             pos += n
             if seq in client.jobs:
@@ -306,19 +306,23 @@ class Scheduler:
         if not isinstance(started, list) or not isinstance(done, list) or \
                 not isinstance(busy, (int, float)):
             raise ProtocolError("RESULTS needs lists and a number")
+        done = [_done_entry(d) for d in done]
         worker.measured(busy, len(done))
-        if sum(_done_entry(d)[3] for d in done) != len(frames):
+        if sum(d[3] for d in done) != len(frames):
             raise ProtocolError("RESULTS frame count does not match its header")
+        finished = {(cid, seq) for cid, seq, _, _ in done}
         for entry in started:
-            job = worker.assigned.get(_key(entry))
+            key = _key(entry)
+            if key in finished:
+                continue  # started and done at once: the result says both
+            job = worker.assigned.get(key)
             if job is not None:
                 job.started = now
                 client = job.client
                 client.out_started.append(job.seq)
                 self._dirty[client.ident] = client
         pos = 0
-        for entry in done:
-            cid, seq, status, n = _done_entry(entry)
+        for cid, seq, status, n in done:
             job = worker.assigned.pop((cid, seq), None)
             payload = frames[pos:pos + n]
             pos += n
