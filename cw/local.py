@@ -74,18 +74,27 @@ def usable(local: object) -> Optional[str]:
     if not isinstance(local, dict) or local.get("machine") != machine_id():
         return None
     endpoint = local.get("endpoint")
-    if not isinstance(endpoint, str) or not endpoint.startswith("ipc://"):
-        return None
+    return endpoint if isinstance(endpoint, str) and present(endpoint) else None
+
+
+def present(endpoint: str) -> bool:
+    """True if ``endpoint`` is an ``ipc://`` endpoint whose socket file is there."""
+    if not endpoint.startswith("ipc://"):
+        return False
     try:
-        return endpoint if stat.S_ISSOCK(os.stat(endpoint[len("ipc://"):]).st_mode) else None
+        return stat.S_ISSOCK(os.stat(_path(endpoint)).st_mode)
     except OSError:
-        return None
+        return False
 
 
 def remove(endpoint: Optional[str]) -> None:
     """Remove a closed master's socket file (zmq leaves it behind)."""
     if endpoint:
         try:
-            os.unlink(endpoint[len("ipc://"):])
+            os.unlink(_path(endpoint))
         except OSError:
             pass
+
+
+def _path(endpoint: str) -> str:
+    return endpoint[len("ipc://"):]

@@ -262,14 +262,14 @@ class Master:
         for reader in self.readers:
             reader.kick()
 
-    def on_message(self, frames: list, sock: Optional[zmq.Socket] = None) -> None:
+    def on_message(self, frames: list, sock: zmq.Socket) -> None:
         """Handle one message that came in on ``sock``; log and drop anything malformed."""
         ident = frames[0].bytes
         try:
             if len(frames) < 2:
                 raise ProtocolError("message without header")
             header = P.unpack(frames[1])
-            self._handle(ident, header, frames[2:], sock or self.sock)
+            self._handle(ident, header, frames[2:], sock)
         except (ProtocolError, ValueError, TypeError, KeyError, IndexError) as exc:
             log.warning("dropped a bad message from %s: %s", self._name(ident), exc)
 

@@ -33,7 +33,7 @@ import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import protocol as P
-from . import security
+from . import local, security
 from .errors import MasterUnreachable, ProtocolError, TooLarge
 from .zloop import SocketLoop
 
@@ -292,7 +292,6 @@ class Alias:
         The master maps an alias to its peer whatever socket either came in on."""
         self.close(linger=0)
         self.route = route = self.conn.route
-        if route.endpoint.startswith("ipc://") and \
-                not os.path.exists(route.endpoint[len("ipc://"):]):
+        if route.endpoint.startswith("ipc://") and not local.present(route.endpoint):
             route = security.route_for(self.conn.host, self.conn.port, allow_local=False)
         self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1, route=route)

@@ -107,12 +107,15 @@ def route_for(host: str, port: int, allow_local: bool = True) -> Route:
     local_endpoint = local.usable(info.get("local")) if info and allow_local else None
     if local_endpoint:
         return Route(local_endpoint, None, True)
-    return Route(f"tcp://{host}:{port}", keys_for(host, port), info is not None)
+    return Route(f"tcp://{host}:{port}", _keys(info), info is not None)
 
 
 def keys_for(host: str, port: int) -> Optional[dict]:
     """The keys of the master at ``host:port``, from the user's connection files, if any."""
-    info = connection_info(host, port)
+    return _keys(connection_info(host, port))
+
+
+def _keys(info: Optional[dict]) -> Optional[dict]:
     return {k: info[k] for k in KEY_FIELDS} if has_keys(info) else None
 
 

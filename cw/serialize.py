@@ -54,7 +54,7 @@ def dumps_call(args: tuple, kwargs: dict, what: str) -> list:
     """Pickle a call's ``(args, kwargs)``; large ``bytes`` arguments go out of band."""
     values = (*args, *kwargs.values()) if kwargs else args
     plain = all(type(v) in PLAIN for v in values)
-    if any(type(v) is bytes and len(v) >= OUT_OF_BAND_MIN for v in values):
+    if any(map(_big_bytes, values)):
         args, kwargs = tuple(map(_lift, args)), {k: _lift(v) for k, v in kwargs.items()}
     return dumps((args, kwargs), what, plain)
 
@@ -76,10 +76,12 @@ class _OutOfBandBytes:
         return bytes, (pickle.PickleBuffer(self.data),)
 
 
+def _big_bytes(value: Any) -> bool:
+    return type(value) is bytes and len(value) >= OUT_OF_BAND_MIN
+
+
 def _lift(value: Any) -> Any:
-    if type(value) is bytes and len(value) >= OUT_OF_BAND_MIN:
-        return _OutOfBandBytes(value)
-    return value
+    return _OutOfBandBytes(value) if _big_bytes(value) else value
 
 
 def loads(frames, what: str) -> Any:

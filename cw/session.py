@@ -184,10 +184,10 @@ class Session:
             self.functions.move_to_end(id(func))
             return cached[1:]
         digest, blob = serialize.dumps_function(func)
-        self.functions[id(func)] = (func, digest, blob, _name(func))
+        entry = self.functions[id(func)] = (func, digest, blob, _name(func))
         if len(self.functions) > FUNCTION_CACHE:
             self.functions.popitem(last=False)
-        return digest, blob, _name(func)
+        return entry[1:]
 
     def _ask_flush(self) -> None:  # under lock
         if not self.flush_asked:
