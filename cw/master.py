@@ -65,7 +65,7 @@ class Master:
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
         self.keys: Optional[dict] = None
         self.auth = None
-        self.state = Scheduler(self._send, heartbeat_timeout)
+        self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket)
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
         self.loop: Optional[IOLoop] = None
@@ -299,8 +299,9 @@ class Master:
         if isinstance(peer, Client) and kind == P.CANCEL:
             return state.cancel(peer, header[1])
         if isinstance(peer, Worker) and kind == P.RESULTS:
-            return state.results(peer, header[1], header[2], frames, now,
-                                 header[3] if len(header) > 3 else -1.0)
+            return state.results(peer, header[1], header[2], frames, now, *header[3:5])
+        if isinstance(peer, Worker) and kind == P.LANE_BUSY:
+            return state.lane_busy(peer, header[1], header[2])
         if isinstance(peer, Worker) and kind == P.CANCELLED:
             return state.cancelled(peer, header[1])
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")

@@ -13,6 +13,9 @@ A WELCOME carrying a new master id means the master restarted, and a WHO means i
 us (it timed us out); either way ``on_welcome(resync=True)`` lets the owner resubmit what it
 held. A HELLO to a master that knows us only refreshes us there.
 
+``listen(kind, handler)`` binds a further receiving socket with a thread of its own (a
+worker's lane, a client's inbox: see cw.lane), stopped and removed with the connection.
+
 An ``Alias`` is a second socket of the same peer, owned by one other thread, that sends
 without waking the I/O thread (a worker's results, a client's lone job): one thread
 handoff less on the latency path. The master maps it to the peer through HELLO's "alias".
@@ -33,7 +36,7 @@ import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import protocol as P
-from . import local, security
+from . import lane, local, security
 from .errors import MasterUnreachable, ProtocolError, TooLarge
 from .zloop import SocketLoop
 
@@ -44,7 +47,7 @@ def peer_info(**extra) -> dict:
     """What a peer tells the master about itself in HELLO."""
     host = socket.gethostname()
     return {"host": host, "pid": os.getpid(), "name": f"{host}:{os.getpid()}",
-            "python": sys.version.split()[0], **extra}
+            "python": sys.version.split()[0], "machine": local.machine_id(), **extra}
 
 
 class Connection:
@@ -54,13 +57,16 @@ class Connection:
                  handler: Callable[[int, list, list], None],
                  on_welcome: Callable[[bool], None] = lambda restarted: None,
                  on_silence: Callable[[float], None] = lambda seconds: None,
-                 logger: Optional[logging.Logger] = None):
+                 logger: Optional[logging.Logger] = None,
+                 on_begin: Callable[[], None] = lambda: None):
         self.host, self.port = host, port
         self.route = security.route_for(host, port)
         self.role = role
         self.handler = handler
         self.on_welcome = on_welcome
         self.on_silence = on_silence
+        self.on_begin = on_begin
+        self.listening: list[lane.Listener] = []
         self.log = logger or logging.getLogger(f"cw.{role}")
         self.identity = uuid.uuid4().bytes
         self.info = {**info, "alias": P.alias_of(self.identity)}
@@ -127,6 +133,23 @@ class Connection:
             self.log.warning("cannot send to the master: %s", exc)
         self.reader.kick()
 
+    def listen(self, kind: str, handler: Callable[[list], None]) -> Optional[str]:
+        """Bind a PULL socket in the private directory, read by a thread of its own that
+        calls ``handler(frames)`` for each message; return its endpoint, or None if there
+        can be none here. (I/O thread only.)"""
+        try:
+            listener = lane.Listener(self.ctx, kind, handler, self.log)
+        except (OSError, zmq.ZMQError) as exc:
+            self.log.warning("no %s socket: %s", kind, exc)
+            return None
+        self.listening.append(listener)
+        return listener.endpoint
+
+    def _stop_listening(self) -> None:
+        for listener in self.listening:
+            listener.stop()
+        self.listening.clear()
+
     def _run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self.loop = IOLoop(make_current=False)
@@ -137,6 +160,7 @@ class Connection:
         try:
             self.loop.start()
         finally:  # linger only to deliver BYE to a master that knows us
+            self._stop_listening()
             self.sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
             self.loop.close(all_fds=False)
@@ -157,6 +181,7 @@ class Connection:
 
     def _begin(self) -> None:
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
+        self.on_begin()
         self._hello()
         self.ticker = PeriodicCallback(self._tick, self.heartbeat_interval * 1000)
         self.ticker.start()
@@ -182,6 +207,7 @@ class Connection:
             self.send([P.pack(P.BYE)])
         self.ticker.stop()
         self.reader.close()
+        self._stop_listening()
         self.loop.stop()
 
     def _tick(self) -> None:

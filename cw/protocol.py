@@ -16,6 +16,18 @@ they ride in their own frames, in the order the header lists them::
 
 Jobs are batched: one SUBMIT, JOBS or RESULTS message carries any number of jobs.
 A function travels once per (client, worker) pair; afterwards jobs name it by digest.
+
+The lane (same machine only, see cw.lane): once the master has sent a client's job to a worker
+on the client's machine, it tells the client that worker's lane socket. A lone job (nothing
+else in flight) then goes straight there and its result straight back: 2 hops, not 4::
+
+    master --LANE endpoint cid--> client        master --LANE_LOST endpoint why graceful--> client
+    client --LJOB cid seq digest n inbox blob?--> worker lane (PULL, its I/O thread)
+    worker main thread --LRESULT seq status n + frames--> client inbox (PULL, its I/O thread)
+    worker I/O thread  --BOUNCE seq--> client (busy: it resends through the master)
+                       --LSTARTED seq--> client (a lane job still running after a tick)
+                       --LANE_BUSY cid seq--> master (then: no jobs for it, its own stolen)
+    worker --RESULTS ... lane [[cid, seq]]--> master (counts lane jobs done, a tick later)
 """
 from __future__ import annotations
 
@@ -41,9 +53,17 @@ CANCELLED = 12   # worker -> master: [CANCELLED, [[cid, seq, ok]]]; master -> cl
 JOBS = 20        # master -> worker: [JOBS, ctxs, fns, jobs]; ctxs: [[cid, cwd, path]],
                  #   fns: [[cid, digest]], jobs: [[cid, seq, digest, nframes]]
 RESULTS = 21     # worker -> master: [RESULTS, started [[cid, seq]], done [[cid, seq, status, nframes]],
-                 #   busy] (busy: seconds spent running the done jobs)
+                 #   busy, lane] (busy: seconds spent running the done jobs; lane: [[cid, seq]]
+                 #   of lane jobs done, for the counts only)
                  # master -> client: [RESULTS, started [seq], done [[seq, status, nframes]]]
 FORGET = 22      # master -> worker: [FORGET, [cid]]  (client gone: drop its functions)
+LANE = 23       # master -> client: [LANE, endpoint, cid]
+LANE_LOST = 24  # master -> client: [LANE_LOST, endpoint, why, graceful]
+LANE_BUSY = 25  # worker -> master: [LANE_BUSY, cid, seq]  (a lane job running long)
+LJOB = 40       # client -> worker lane: [LJOB, cid, seq, digest, nframes, inbox, has_blob]
+LRESULT = 41    # worker -> client inbox: [LRESULT, seq, status, nframes]
+LSTARTED = 42   # worker -> client inbox: [LSTARTED, seq]
+BOUNCE = 43     # worker -> client inbox: [BOUNCE, seq]  (not taken: send it via the master)
 STATUS = 30      # any -> master: [STATUS]
 STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
 

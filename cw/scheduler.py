@@ -16,6 +16,12 @@ jobs were short may hold too many). When the queue is empty and a worker is idle
 master asks the busiest worker to give back the newer half of its unstarted jobs (a CANCEL
 that the master, not a client, sent); what comes back goes to the front of the queue.
 
+Lanes (cw.lane): once a client's job has gone to a worker on the client's machine, the client
+is told that worker's lane (LANE) and sends its lone jobs there directly. The master only
+counts them (the worker's RESULTS "lane" list), and says LANE_LOST to the client when the
+worker leaves; the client then resubmits what was on the lane, naming the lost worker in the
+job's options ("losses"), so the death is charged here like any other.
+
 A worker may die before its "started" note leaves it (a job that calls os._exit), so the
 master cannot always tell which held job killed it. Every job a dead worker held becomes a
 *suspect*; a suspect is re-run alone on an idle worker, where a death is charged to it
@@ -43,6 +49,7 @@ DEFAULT_MAX_RETRIES = 3
 PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)
 MIN_HOLD = 2               # the running job and one prefetched, whatever the job time
 MIN_BATCH = 8              # fewest jobs per JOBS message while the queue allows it
+LANE_MEMORY = 64           # lane jobs done a worker's late LANE_BUSY may still name
 
 
 class Job:
@@ -60,8 +67,9 @@ class Job:
         self.worker: Optional[Worker] = None
         self.started = 0.0          # time the worker reported starting it, 0 if not started
         self.cancelled = False      # dropped while queued (skipped lazily by dispatch)
-        self.losses: list[str] = []  # workers lost while running it
-        self.suspect = False         # held by a worker that died: runs alone from now on
+        self.losses: list[str] = list((opts or {}).get("losses", ()))  # workers lost
+        # while running it (a lane job's come from its client)
+        self.suspect = bool(self.losses)  # held by a worker that died: runs alone from now on
         self.max_retries = (opts or {}).get("max_retries", DEFAULT_MAX_RETRIES)
 
 
@@ -76,6 +84,7 @@ class Peer:
         self.last_seen = now
         self.joined = now
         self.alias = b""
+        self.machine = str(info.get("machine") or "")  # equal only on one running kernel
 
 
 class Client(Peer):
@@ -90,6 +99,8 @@ class Client(Peer):
         self.jobs: dict[int, Job] = {}             # seq -> job queued or assigned
         self.submitted = 0
         self.done = 0
+        self.inbox = bool(info.get("inbox"))   # it can take lane results
+        self.lane: Optional[Worker] = None     # the worker whose lane it was told of
         # outbox, flushed once per loop turn
         self.out_started: list[int] = []
         self.out_done: list[list] = []
@@ -113,9 +124,17 @@ class Worker(Peer):
         self.isolated = False  # holds one suspect job and nothing else
         self.stealing: set[tuple[int, int]] = set()  # jobs asked back, not yet answered
         self.out_cancel: list[list] = []
+        lane = info.get("lane")
+        self.lane = lane if isinstance(lane, str) and lane.startswith("ipc://") else None
+        self.lane_holders: set[bytes] = set()  # clients told of its lane
+        self.lane_job: Optional[tuple[int, int]] = None  # a lane job it said runs long
+        self.lane_job_client = ""
+        # lane jobs it reported done lately: its LANE_BUSY and its note come on different
+        # sockets, so a LANE_BUSY may arrive after the job's note
+        self.lane_done: deque[tuple[int, int]] = deque(maxlen=LANE_MEMORY)
 
     def free(self) -> int:
-        return 0 if self.isolated else self.hold - len(self.assigned)
+        return 0 if self.isolated or self.lane_job else self.hold - len(self.assigned)
 
     def measured(self, busy: float, jobs: int) -> None:
         """Learn the job time from a RESULTS message; hold ~PREFETCH_SECONDS of work.
@@ -143,9 +162,11 @@ class Worker(Peer):
 class Scheduler:
     """All routing state of one master. Not thread-safe: one owner calls it."""
 
-    def __init__(self, send: Callable[[bytes, list], bool], heartbeat_timeout: float = 10.0):
+    def __init__(self, send: Callable[[bytes, list], bool], heartbeat_timeout: float = 10.0,
+                 lanes: bool = True):
         self.send = send
         self.heartbeat_timeout = heartbeat_timeout
+        self.lanes = lanes         # grant lanes to clients (off with --no-local-socket)
         self.master_id = uuid.uuid4().hex
         self.clients: dict[bytes, Client] = {}
         self.by_cid: dict[int, Client] = {}
@@ -204,6 +225,8 @@ class Scheduler:
 
     def _client_gone(self, client: Client, reason: str) -> None:
         del self.by_cid[client.cid]
+        if client.lane is not None:
+            client.lane.lane_holders.discard(client.ident)
         self._dirty.pop(client.ident, None)
         dropped = 0
         for job in client.jobs.values():
@@ -243,6 +266,11 @@ class Scheduler:
             self.queue.appendleft(job)
         self.queued += len(requeue)
         worker.assigned.clear()
+        for ident in worker.lane_holders:
+            client = self.clients.get(ident)
+            if client is not None and client.lane is worker:
+                client.lane = None
+                self.send(ident, [P.pack(P.LANE_LOST, worker.lane, lost, graceful)])
         level = logging.INFO if graceful else logging.WARNING
         log.log(level, "worker %s left (%s); %d jobs re-queued", who, reason, len(requeue))
 
@@ -298,14 +326,16 @@ class Scheduler:
 
     # ---------------------------------------------------------------- workers
     def results(self, worker: Worker, started: list, done: list, frames: list,
-                now: float, busy: float = -1.0) -> None:
+                now: float, busy: float = -1.0, lane: list = ()) -> None:
         """Record jobs a worker started and finished; pass results to their clients.
 
-        ``busy`` is the seconds the worker spent running the ``done`` jobs.
+        ``busy`` is the seconds the worker spent running the ``done`` jobs; ``lane`` lists
+        the lane jobs it ran (their clients have their results already): counted only.
         """
         if not isinstance(started, list) or not isinstance(done, list) or \
-                not isinstance(busy, (int, float)):
+                not isinstance(busy, (int, float)) or not isinstance(lane, (list, tuple)):
             raise ProtocolError("RESULTS needs lists and a number")
+        self._count_lane(worker, [_key(e) for e in lane])
         done = [_done_entry(d) for d in done]
         worker.measured(busy, len(done))
         if sum(d[3] for d in done) != len(frames):
@@ -341,6 +371,38 @@ class Scheduler:
             if not worker.assigned:
                 worker.isolated = False
             self._deliver(job, status, payload)
+
+    def lane_busy(self, worker: Worker, cid: int, seq: int) -> None:
+        """A worker runs a long lane job: feed it nothing more, take back what it holds."""
+        if not isinstance(cid, int) or not isinstance(seq, int):
+            raise ProtocolError("LANE_BUSY needs a client id and a job number")
+        if (cid, seq) in worker.lane_done:
+            return  # came after the job's note: it is over
+        worker.lane_job = (cid, seq)
+        client = self.by_cid.get(cid)
+        worker.lane_job_client = client.name if client else f"client {cid}"
+        self._went_idle = True
+
+    def _count_lane(self, worker: Worker, keys: list[tuple[int, int]]) -> None:
+        worker.lane_done.extend(keys)
+        for key in keys:
+            if key == worker.lane_job:
+                worker.lane_job = None
+            cid = key[0]
+            worker.done += 1
+            self.routed += 1
+            client = self.by_cid.get(cid)
+            if client is not None:
+                client.submitted += 1
+                client.done += 1
+
+    def _grant_lane(self, client: Client, worker: Worker) -> None:
+        """Tell a client of a worker's lane if both are on one machine (it has one lane)."""
+        if client.lane is None and client.inbox and client.machine == worker.machine \
+                and client.machine:
+            client.lane = worker
+            worker.lane_holders.add(client.ident)
+            self.send(client.ident, [P.pack(P.LANE, worker.lane, client.cid)])
 
     def cancelled(self, worker: Worker, entries: list) -> None:
         """A worker answered cancel requests: ok means it dropped the job unstarted."""
@@ -379,13 +441,13 @@ class Scheduler:
         if all(w.assigned for w in self.workers.values()):
             return
         victim = max((w for w in self.workers.values() if not w.stealing and not w.isolated),
-                     key=lambda w: len(w.assigned), default=None)
-        if victim is None or len(victim.assigned) < 2:
+                     key=lambda w: len(w.assigned) + 2 * bool(w.lane_job), default=None)
+        if victim is None or len(victim.assigned) < (1 if victim.lane_job else 2):
             return
         waiting = [j for j in victim.assigned.values() if not j.started]
-        # the newer half, rounded up; the worker's answer is exact (a job it already
-        # started stays), so even the oldest may be asked for
-        for job in waiting[len(waiting) // 2:]:
+        # the newer half, rounded up (all of them behind a long lane job); the worker's
+        # answer is exact (a job it already started stays), so even the oldest may be asked
+        for job in waiting[0 if victim.lane_job else len(waiting) // 2:]:
             victim.stealing.add((job.client.cid, job.seq))
             self._ask_cancel(victim, job.client.cid, job.seq)
 
@@ -498,6 +560,10 @@ class Scheduler:
             worker.isolated = False
             # its connection is gone without a goodbye: a death, charged like one
             self.peer_gone(worker.ident, "unreachable: its connection was lost")
+            return
+        if self.lanes and worker.lane:
+            for client in {job.client.ident: job.client for job in batch}.values():
+                self._grant_lane(client, worker)
 
     # ---------------------------------------------------------------- status
     def status(self, now: Optional[float] = None) -> dict:
@@ -517,12 +583,16 @@ def _worker_status(w: Worker, now: float) -> dict:
     job = w.running()
     return {
         "name": w.name, "host": w.host, "pid": w.pid,
-        "state": "busy" if w.assigned else "idle",
-        "job": [job.client.name, job.seq] if job else None,
+        "state": "busy" if w.assigned or w.lane_job else "idle",
+        "job": [job.client.name, job.seq] if job else _lane_job_status(w),
         "job_seconds": round(now - job.started, 3) if job else None,
         "held": len(w.assigned), "hold": w.hold, "done": w.done, "failures": w.failures,
         "last_heartbeat": round(now - w.last_seen, 3),
     }
+
+
+def _lane_job_status(w: Worker) -> Optional[list]:
+    return [w.lane_job_client, w.lane_job[1]] if w.lane_job else None
 
 
 def _client_status(c: Client) -> dict:
@@ -562,9 +632,12 @@ def _job_entry(entry) -> tuple[int, bytes, int, Optional[dict]]:
         if not isinstance(opts, dict):
             raise ProtocolError("job options must be a map")
         retries, timeout = opts.get("max_retries", 1), opts.get("timeout", 1)
+        losses = opts.get("losses", [])
         if not isinstance(retries, int) or retries < 1 or \
                 not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ProtocolError("job options need max_retries >= 1 and timeout > 0")
+        if not isinstance(losses, list) or not all(isinstance(x, str) for x in losses):
+            raise ProtocolError("job option losses must be a list of strings")
     return seq, _digest(digest), n, opts
 
 

@@ -1,10 +1,12 @@
 """A client's session with the master: what both client APIs share.
 
-    user thread                                   I/O thread (cw.peer.Connection)
+    user thread                                   I/O thread (cw.peer.Connection) and, for
+                                                  lane results, the inbox thread (cw.lane)
     submit(func, args) --pickle here-->  unsent --flush: one SUBMIT per turn-->  master
                          jobs[seq] (kept until settled: resubmitted if the master restarts)
                                                   <--RESULTS: started seqs, done [seq, status]--
-    on_started(token) / on_done(token, error, value)   <-- decoded here, once per seq
+    on_started(token) / on_done(token, error, value)   <-- decoded here, once per seq, one
+                                                          call at a time (``delivering``)
     cancel(seqs): round trip through the master and the worker holding the job: True only
                   if the job was removed before it started, so it will never run
 
@@ -13,6 +15,12 @@ keeps at most ``window()`` bytes of arguments there (``WINDOW_PER_WORKER`` per c
 worker, at least ``WINDOW_MIN``; one job always fits). Jobs beyond it wait in ``held`` (they
 reference the caller's data, so this costs no copy) and leave, in order, as results free room.
 Small jobs never reach it: 20,000 no-op jobs are under 1 MB.
+
+The lane (cw.lane): once the master names a worker on this machine (LANE), a lone job (nothing
+else in flight, default options) goes straight to it from the submitting thread and its
+result comes straight back to ``inbox``. A job on the lane stays in ``jobs`` until settled:
+BOUNCE (the worker was busy), LANE_LOST (it left or died) or a master restart send it again
+through the master; the first outcome to arrive wins. Cancelling it answers False (it may run).
 
 A function object is pickled once per session (cached by identity) and its blob travels to
 the master once; jobs afterwards name it by digest. Results arriving twice are dropped by seq.
@@ -29,11 +37,12 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional
 
 import msgpack
+import zmq
 
-from . import address
+from . import address, lane
 from . import protocol as P
 from . import serialize
-from .errors import MasterLost, RemoteException, RemoteTraceback, SerializationError
+from .errors import MasterLost, ProtocolError, RemoteException, RemoteTraceback, SerializationError
 from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.client")
@@ -67,6 +76,7 @@ class Session:
         self.on_done = on_done
         self.master_timeout = master_timeout
         self.lock = threading.Lock()
+        self.delivering = threading.Lock()        # callbacks run one at a time
         self.jobs: dict[int, ClientJob] = {}      # unsettled jobs, by seq
         self.unsent: list[ClientJob] = []
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
@@ -78,10 +88,17 @@ class Session:
         self.cancels: dict[int, list] = {}        # seq -> [event, answer]
         self.seqs = itertools.count(1)
         self.closed = False
+        # the lane (under lock): a worker's endpoint, our id there, a PUSH socket to it
+        self.inbox: Optional[str] = None          # where lane results come (I/O thread)
+        self.lane: Optional[str] = None
+        self.lane_cid = 0
+        self.lane_sock: Optional[zmq.Socket] = None
+        self.lane_has: set[bytes] = set()         # digests sent on this lane
+        self.on_lane: dict[int, tuple[ClientJob, str]] = {}  # seq -> (job, lane endpoint)
         info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
         self.conn = Connection(self.host, self.port, "client", info, self._on_message,
                                on_welcome=self._on_welcome, on_silence=self._on_silence,
-                               logger=log)
+                               logger=log, on_begin=self._open_inbox)
         self.conn.start(connect_timeout)
         self.alias = Alias(self.conn)  # a lone job leaves from the submitting thread
 
@@ -101,20 +118,44 @@ class Session:
         with self.lock:
             seq = next(self.seqs)
             job = ClientJob(seq, token, digest, blob, frames, opts, sum(sizes))
-            lone = not self.jobs and not self.unsent and not self.flush_asked \
-                and digest in self.master_has  # its function went ahead on the main socket
+            lone = not self.jobs and not self.unsent and not self.flush_asked
             self.jobs[seq] = job
             if self.held or not self._fits(job.size):
                 job.held = True
                 self.held.append(job)
                 return seq
             self.inflight += job.size
-            if lone:  # nothing in flight: no batch to wait for, send it from here
-                self.alias.send(self._message([job]))
+            if lone and opts is None and self._to_lane(job):
+                pass  # straight to a worker
+            elif lone and digest in self.master_has:  # its function went ahead
+                self.alias.send(self._message([job]))  # no batch to wait for: send it here
             else:
                 self.unsent.append(job)
                 self._ask_flush()
         return seq
+
+    def _to_lane(self, job: ClientJob) -> bool:
+        """Send a lone job on the lane (under lock); False if there is none or it is not
+        connected (yet, or any more): then it goes through the master."""
+        if self.lane_sock is None:
+            return False
+        has_blob = job.digest not in self.lane_has
+        header = P.pack(P.LJOB, self.lane_cid, job.seq, job.digest, len(job.frames),
+                        self.inbox, has_blob)
+        frames = [header, job.blob, *job.frames] if has_blob else [header, *job.frames]
+        try:
+            self.lane_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError:  # EAGAIN: not connected
+            return False
+        if has_blob:
+            self.lane_has.add(job.digest)
+        self.on_lane[job.seq] = (job, self.lane)
+        return True
+
+    def _drop_lane(self) -> None:  # under lock
+        if self.lane_sock is not None:
+            self.lane_sock.close(linger=0)
+        self.lane, self.lane_sock = None, None
 
     def pending(self) -> int:
         """Jobs submitted and not yet settled."""
@@ -151,6 +192,8 @@ class Session:
             for seq in seqs:
                 if seq in unsent:
                     answers[seq] = True
+                elif seq in self.on_lane:
+                    answers[seq] = False  # on its way to a worker, or running there
                 elif seq in self.jobs and not self.conn.in_io_thread():
                     asked[seq] = self.cancels.setdefault(seq, [threading.Event(), False])
                 else:
@@ -175,6 +218,7 @@ class Session:
             self.closed = True
             with self.lock:
                 self.alias.close()
+                self._drop_lane()
             self.conn.close()
 
     def _function(self, func: Callable) -> tuple[bytes, bytes, str]:
@@ -219,10 +263,19 @@ class Session:
             self._results(header[1], header[2], frames)
         elif kind == P.CANCELLED:
             self._cancelled(header[1])
+        elif kind == P.LANE:
+            self._lane_granted(header[1], header[2])
+        elif kind == P.LANE_LOST:
+            self._lane_lost(header[1], header[2], header[3])
         else:
             log.warning("dropped a message of unexpected kind %s from the master", kind)
 
     def _results(self, started: list, done: list, frames: list) -> None:
+        with self.delivering:
+            self._deliver(started, done, frames)
+        self._admit_and_flush()
+
+    def _deliver(self, started: list, done: list, frames: list) -> None:
         jobs = self.jobs
         for seq in started:
             job = jobs.get(seq)
@@ -240,11 +293,77 @@ class Session:
                 continue  # delivered already (resubmitted after a master restart)
             error, value = decode_outcome(status, payload, job.seq)
             self._call(self.on_done, job.token, error, value)
-        self._admit_and_flush()
+
+    def _open_inbox(self) -> None:
+        """Bind the inbox for lane results before the first HELLO (which says we have one)."""
+        self.inbox = self.conn.listen("inbox", self._on_inbox)
+        if self.inbox:
+            self.conn.info["inbox"] = True
+
+    def _on_inbox(self, frames: list) -> None:
+        """A lane job's outcome, its "started" note, or a BOUNCE (inbox thread); bad input
+        is dropped."""
+        try:
+            header = P.unpack(frames[0])
+            kind, seq = header[0], header[1]
+            if not isinstance(seq, int):
+                raise ProtocolError("no job number")
+            if kind == P.LRESULT:
+                status, n = header[2], header[3]
+                if not isinstance(status, int) or n != len(frames) - 1:
+                    raise ProtocolError("LRESULT frame count does not match its header")
+                with self.lock:
+                    self.on_lane.pop(seq, None)
+                self._results([], [[seq, status, n]], frames[1:])
+            elif kind == P.LSTARTED:
+                self._results([seq], [], [])
+            elif kind == P.BOUNCE:
+                self.conn.call(self._resend_from_lane, [seq], None)
+            else:
+                raise ProtocolError(f"unexpected kind {kind}")
+        except (ProtocolError, ValueError, TypeError, IndexError) as exc:
+            log.warning("dropped a bad message on the inbox: %s", exc)
+
+    def _lane_granted(self, endpoint: str, cid: int) -> None:
+        if not isinstance(endpoint, str) or not endpoint.startswith("ipc://") or \
+                not isinstance(cid, int):
+            raise ProtocolError("LANE needs an ipc endpoint and a client id")
+        with self.lock:
+            if self.closed or not self.inbox:
+                return
+            self._drop_lane()
+            self.lane, self.lane_cid, self.lane_has = endpoint, cid, set()
+            self.lane_sock = lane.push(self.conn.ctx, endpoint, immediate=True)
+        log.debug("lane to the worker at %s", endpoint)
+
+    def _lane_lost(self, endpoint: str, why: str, graceful: bool) -> None:
+        """The lane's worker left: what was on it goes through the master (a death is
+        charged to the job there, as the master would have charged it)."""
+        with self.lock:
+            if self.lane == endpoint:
+                self._drop_lane()
+            seqs = [seq for seq, (_, ep) in self.on_lane.items() if ep == endpoint]
+        self._resend_from_lane(seqs, None if graceful else str(why))
+
+    def _resend_from_lane(self, seqs: list, loss: Optional[str]) -> None:
+        with self.lock:
+            jobs = [self.on_lane.pop(seq)[0] for seq in seqs if seq in self.on_lane]
+            jobs = [job for job in jobs if self.jobs.get(job.seq) is job]
+            for job in jobs:
+                if loss is not None:
+                    job.opts = {"losses": [loss]}
+            self.unsent[:0] = jobs
+        if jobs:
+            if loss is not None:
+                log.warning("lost the lane's worker (%s); resending %d job(s) through the "
+                            "master", loss, len(jobs))
+            self._flush()
 
     def _admit_and_flush(self) -> None:
         """Results freed room in the byte window: send held jobs that now fit."""
-        if self.held:
+        if self.held and not self.conn.in_io_thread():
+            self.conn.call(self._admit_and_flush)
+        elif self.held:
             with self.lock:
                 moved = self._admit()
             if moved:
@@ -267,6 +386,8 @@ class Session:
             return
         with self.lock:
             self.master_has.clear()
+            self._drop_lane()
+            self.on_lane.clear()  # resubmitted below with the rest
             self.unsent = sorted((j for j in self.jobs.values() if not j.held),
                                  key=lambda j: j.seq)
             waiters, self.cancels = self.cancels, {}
@@ -281,12 +402,14 @@ class Session:
         with self.lock:
             lost, self.jobs, self.unsent = list(self.jobs.values()), {}, []
             self.held.clear()
+            self.on_lane.clear()
             self.inflight = 0
         error = MasterLost(f"the master at {self.conn.endpoint} has been silent for "
                            f"{seconds:.0f} s (master_timeout={self.master_timeout:g} s)")
         log.error("%s; failing %d jobs", error, len(lost))
-        for job in lost:
-            self._call(self.on_done, job.token, error, None)
+        with self.delivering:
+            for job in lost:
+                self._call(self.on_done, job.token, error, None)
 
     @staticmethod
     def _call(fn: Callable, *args) -> None:

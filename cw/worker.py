@@ -9,6 +9,10 @@
         FORGET --> drop a gone client's functions  result or remote traceback --> outbox
         flush <--- outbox (started, done, frames) <--- flush asked when idle or every few ms
         HEARTBEAT both ways, answered here, so a job holding the GIL never looks dead
+      lane thread (cw.lane)
+        LJOB from a client --> idle: pending; the main thread sends the result straight to
+                               the client's inbox; lane jobs done --> outbox (for the counts)
+                               busy: BOUNCE (from the I/O thread), the client resends it
 
 Jobs run in the main thread so that SIGINT/SIGTERM interrupt a running job (WorkerShutdown);
 the worker says BYE and the master re-queues what it held. A job's exception, or a function,
@@ -36,6 +40,7 @@ from . import address, cli
 from . import protocol as P
 from . import serialize
 from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
+from .lane import Outlets
 from .peer import Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.worker")
@@ -57,11 +62,15 @@ class JobInterrupted(BaseException):
 
 
 class LocalJob:
-    __slots__ = ("cid", "seq", "digest", "frames", "opts", "epoch", "_interrupted")
+    __slots__ = ("cid", "seq", "digest", "frames", "opts", "epoch", "lane", "told",
+                 "_interrupted")
 
-    def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts, epoch: int):
+    def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts, epoch: int,
+                 lane: Optional[str] = None):
         self.cid, self.seq, self.digest, self.frames, self.opts = cid, seq, digest, frames, opts
         self.epoch = epoch  # which registration with the master it came under
+        self.lane = lane    # a lane job: the inbox of the client that sent it
+        self.told = False   # a lane job's client was told it started
 
 
 class Worker:
@@ -88,6 +97,9 @@ class Worker:
         self.out_frames: list = []
         self.out_since = 0.0
         self.out_busy = 0.0
+        self.out_lane: list[list] = []   # lane jobs done [[cid, seq]]: the master counts them
+        self.current_since = 0.0         # monotonic time the running job started
+        self.ticking = False             # the I/O thread's flush tick runs (or is asked to)
         self.epoch = 0       # bumped when the master restarted or forgot us
         self.running = True
         # main thread only
@@ -96,9 +108,15 @@ class Worker:
         self.base_path = list(sys.path)
         self.base_cwd = os.getcwd()
         self.jobs_done = 0
-        self.flusher: Optional[PeriodicCallback] = None  # I/O thread only
+        self.results_out: Optional[Outlets] = None   # lane results to client inboxes
+        self.result_inboxes: dict[int, str] = {}      # cid -> its inbox, for FORGET
+        # I/O thread only
+        self.flusher: Optional[PeriodicCallback] = None
+        self.io_out: Optional[Outlets] = None         # BOUNCE and LSTARTED to client inboxes
+        self.io_inboxes: dict[int, str] = {}
         self.conn = Connection(self.host, self.port, "worker", peer_info(slots=slots),
-                               self._on_message, on_welcome=self._on_welcome, logger=log)
+                               self._on_message, on_welcome=self._on_welcome, logger=log,
+                               on_begin=self._open_lane)
 
     # ---------------------------------------------------------------- main thread
     def run(self, connect_timeout: Optional[float] = None) -> None:
@@ -106,6 +124,7 @@ class Worker:
         log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
         self.conn.start(connect_timeout)
         self.alias = Alias(self.conn)  # results leave from this thread, on their own socket
+        self.results_out = Outlets(self.conn.ctx)
         try:
             self.loop()
         except WorkerShutdown:
@@ -124,6 +143,10 @@ class Worker:
         if self.conn.welcomed.is_set():
             self.alias.send([P.pack(P.BYE)])
         self.alias.close()
+        if self.results_out is not None:
+            self.results_out.close_all()
+        if self.io_out is not None:
+            self.conn.call(self.io_out.close_all)  # runs before the connection's shutdown
         self.conn.close(bye=False)
 
     def stop(self) -> None:
@@ -140,16 +163,22 @@ class Worker:
                 if not self.running:
                     return
                 job = self.pending.popleft()
-                self._note([[job.cid, job.seq]], [], [])
+                if job.lane is None:
+                    self._note([[job.cid, job.seq]], [], [])
                 context = self.contexts.get(job.cid)
                 blob = self.blobs.get((job.cid, job.digest))
                 self._forget_functions()
-                self.current = job
+                self.current, self.current_since = job, time.monotonic()
                 timeout = (job.opts or {}).get("timeout")
                 self.deadline = time.monotonic() + timeout if timeout else 0.0
             began = time.perf_counter()
             status, frames = self.execute(job, context, blob)
             self.jobs_done += 1
+            if job.lane is not None:
+                self._lane_done(job, status, frames)
+                if self._should_recycle():
+                    return
+                continue
             with self.cond:
                 self.current, self.deadline = None, 0.0
                 if job.seq < 0 or job.epoch != self.epoch:
@@ -164,6 +193,22 @@ class Worker:
                 self.alias.send(message)
             if self._should_recycle():
                 return
+
+    def _lane_done(self, job: LocalJob, status: int, frames: list) -> None:
+        """Send a lane job's outcome straight to its client; the master hears of it later."""
+        with self.cond:
+            self.current, self.deadline = None, 0.0
+            known = job.cid in self.contexts  # else its client is gone (FORGET)
+            if known:
+                self._note([], [], [], lane=[[job.cid, job.seq]])
+            # a long one made the master hold back: tell it at once that we are free
+            message = self._take_outbox() if job.told else None
+        if message:
+            self.alias.send(message)
+        if known:
+            self.result_inboxes[job.cid] = job.lane
+            self.results_out.send(job.lane, [P.pack(P.LRESULT, job.seq, status, len(frames)),
+                                             *frames])
 
     def execute(self, job: LocalJob, context, blob) -> tuple[int, list]:
         """Run one job; return ``(status, frames)`` for the RESULTS message.
@@ -234,31 +279,41 @@ class Worker:
         for cid in self.forgotten:
             for key in [k for k in self.functions if k[0] == cid]:
                 del self.functions[key]
+            inbox = self.result_inboxes.pop(cid, None)
+            if inbox:
+                self.results_out.close(inbox)
             if self.current_cid == cid:
                 self.current_cid = None
         self.forgotten.clear()
 
     # ---------------------------------------------------------------- outbox (under cond)
-    def _note(self, started: list, done: list, frames: list) -> None:
-        if not (self.out_started or self.out_done):
+    def _note(self, started: list, done: list, frames: list, lane: list = ()) -> None:
+        if not self._has_notes():
             self.out_since = time.monotonic()
         self.out_started.extend(started)
         self.out_done.extend(done)
         self.out_frames.extend(frames)
+        self.out_lane.extend(lane)
+
+    def _has_notes(self) -> bool:
+        return bool(self.out_started or self.out_done or self.out_lane)
 
     def _take_outbox(self) -> Optional[list]:
         """The outbox as one RESULTS message (None if empty), emptied."""
-        if not (self.out_started or self.out_done):
+        if not self._has_notes():
             return None
-        header = P.pack(P.RESULTS, self.out_started, self.out_done, self.out_busy)
+        header = P.pack(P.RESULTS, self.out_started, self.out_done, self.out_busy,
+                        self.out_lane)
         message = [header, *self.out_frames]
-        self.out_started, self.out_done, self.out_frames = [], [], []
+        self.out_started, self.out_done, self.out_frames, self.out_lane = [], [], [], []
         self.out_busy = 0.0
         return message
 
     # ---------------------------------------------------------------- I/O thread
     def _wake_flusher(self) -> None:
         """Tick while the worker has jobs (they alone make notes and deadlines)."""
+        with self.cond:
+            self.ticking = True
         if self.flusher is None:
             self.flusher = PeriodicCallback(self._flush_if_old, FLUSH_INTERVAL * 1000)
         if not self.flusher.is_running():
@@ -268,13 +323,23 @@ class Worker:
         """The tick: send notes that waited long enough, enforce the deadline, and stop
         ticking once idle (an idle worker then costs nothing but its heartbeats)."""
         now = time.monotonic()
-        if (self.out_started or self.out_done) and now - self.out_since >= FLUSH_INTERVAL:
+        if self._has_notes() and now - self.out_since >= FLUSH_INTERVAL:
             self._flush()
         if self.deadline and now > self.deadline:
             self._time_up(now)
+        with self.cond:  # told: decided under cond, so _lane_done sees it or no note goes
+            job = self.current
+            tell = job is not None and job.lane and not job.told and \
+                now - self.current_since >= FLUSH_INTERVAL
+            if tell:
+                job.told = True
+        if tell:  # it runs on: its client may show it running, the master feeds others
+            self._tell(job.cid, job.lane, P.LSTARTED, job.seq)
+            self.conn.send([P.pack(P.LANE_BUSY, job.cid, job.seq)])
         with self.cond:
-            idle = not self.pending and self.current is None and \
-                not (self.out_started or self.out_done)
+            idle = not self.pending and self.current is None and not self._has_notes()
+            if idle:
+                self.ticking = False
         if idle:
             self.flusher.stop()
 
@@ -315,6 +380,9 @@ class Worker:
         elif kind == P.FORGET:
             with self.cond:
                 for cid in header[1]:
+                    inbox = self.io_inboxes.pop(cid, None)
+                    if inbox:
+                        self.io_out.close(inbox)
                     self.contexts.pop(cid, None)
                     for key in [k for k in self.blobs if k[0] == cid]:
                         del self.blobs[key]
@@ -336,6 +404,49 @@ class Worker:
             self.pending.extend(jobs)
             self.cond.notify()
         self._wake_flusher()
+
+    def _open_lane(self) -> None:
+        """Bind our lane before the first HELLO, which tells the master where it is."""
+        self.io_out = Outlets(self.conn.ctx)
+        endpoint = self.conn.listen("lane", self._on_lane)
+        if endpoint:
+            self.conn.info["lane"] = endpoint
+
+    def _on_lane(self, frames: list) -> None:
+        """A client's lone job (lane thread): run it next if we are idle and know the client
+        (its context and function), else BOUNCE it back: the client resends it through the
+        master."""
+        try:
+            kind, cid, seq, digest, n, inbox, has_blob = P.unpack(frames[0])
+            if kind != P.LJOB or not isinstance(seq, int) or not isinstance(n, int) or \
+                    n < 1 or not isinstance(inbox, str) or not inbox.startswith("ipc://") \
+                    or len(frames) != 1 + bool(has_blob) + n:
+                raise ProtocolError("not a well-formed LJOB")
+        except (ProtocolError, ValueError, TypeError) as exc:
+            log.warning("dropped a bad message on the lane: %s", exc)
+            return
+        body = frames[1:]
+        with self.cond:
+            known = cid in self.contexts
+            if known and has_blob:
+                self.blobs[(cid, digest)] = body[0]
+            take = known and self.running and self.current is None and not self.pending \
+                and (cid, digest) in self.blobs
+            if take:
+                self.pending.append(LocalJob(cid, seq, digest, body[bool(has_blob):], None,
+                                             self.epoch, lane=inbox))
+                self.cond.notify()
+            # the tick sends the lane note to the master, and LSTARTED if the job runs long
+            wake, self.ticking = take and not self.ticking, self.ticking or take
+        if wake:
+            self.conn.call(self._wake_flusher)
+        elif not take:
+            self.conn.call(self._tell, cid, inbox, P.BOUNCE, seq)
+
+    def _tell(self, cid: int, inbox: str, kind: int, seq: int) -> None:
+        """A note to a lane job's client (I/O thread)."""
+        self.io_inboxes[cid] = inbox
+        self.io_out.send(inbox, [P.pack(kind, seq)])
 
     def _cancel(self, entries: list) -> None:
         wanted = {(cid, seq) for cid, seq in entries}

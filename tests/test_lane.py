@@ -1,0 +1,176 @@
+"""The lane: lone jobs go straight to a worker on the client's machine and back (cw.lane).
+
+Whatever happens on the lane, a job is finished exactly once: a busy worker bounces it to
+the master, a dead one's job is resent through the master (its death charged), and bad
+input on a lane or an inbox is dropped and logged.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+import pytest
+import zmq
+
+from cw.client import ClusterExecutor
+from cw.errors import WorkerLost
+
+from conftest import gated, wait_for
+from test_faults import NOTICE, exit_once, exit_worker, executor
+
+
+def pid_of(_=None) -> int:
+    return os.getpid()
+
+
+def with_lane(ex: ClusterExecutor) -> str:
+    """Run one job through the master, which then names a lane; return its endpoint."""
+    assert ex.submit(abs, -1).result(timeout=30) == 1
+    return wait_for(lambda: ex._session.lane, 10, "the master to name a lane")
+
+
+@pytest.mark.timeout(60)
+def test_lone_jobs_take_the_lane_and_the_master_counts_them(cluster):
+    with executor(cluster) as ex:
+        with_lane(ex)
+        lane_jobs = []
+        for i in range(50):
+            future = ex.submit(abs, -i)
+            lane_jobs.append(future._seq in ex._session.on_lane)
+            assert future.result(timeout=30) == i
+        assert all(lane_jobs)
+        assert ex.submit(pid_of).result(timeout=30) in {w["pid"] for w in
+                                                         cluster.status()["workers"]}
+        # not routed by the master, but counted there (a tick later)
+        wait_for(lambda: cluster.status()["routed"] == 52, 10, "52 jobs counted")
+        info = cluster.status()
+        assert sum(w["done"] for w in info["workers"]) == 52
+        assert info["clients"][0]["done"] == info["clients"][0]["submitted"] == 52
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_worker_bounces_a_lane_job_to_the_master(procs, master, tmp_path):
+    """One worker: another client's job keeps it busy, so our lone job is bounced: the
+    master gets it (and may prefetch it to the worker), and it runs once the worker is
+    free."""
+    procs.workers(master, 1)
+    gate = str(tmp_path / "gate")
+    with executor(master) as ours, executor(master) as other:
+        with_lane(ours)
+        blocker = other.submit(gated, gate, "blocker")
+        wait_for(lambda: blocker.running(), 20, "the blocker running")
+        lone = ours.submit(abs, -7)
+        wait_for(lambda: sum(c["queued"] for c in master.status()["clients"]) == 1, 20,
+                 "the bounced job at the master")
+        assert lone._seq not in ours._session.on_lane
+        assert not lone.done()
+        open(gate, "w").close()
+        assert lone.result(timeout=30) == 7
+        assert blocker.result(timeout=30) == "blocker"
+
+
+@pytest.mark.timeout(60)
+def test_a_long_lane_job_shows_running_and_the_master_feeds_others(cluster, tmp_path):
+    gate = str(tmp_path / "gate")
+    with executor(cluster) as ex:
+        with_lane(ex)
+        long_job = ex.submit(gated, gate, "long")
+        assert long_job._seq in ex._session.on_lane
+        wait_for(lambda: long_job.running(), 10, "the lane job reported running")
+        busy = wait_for(lambda: [w for w in cluster.status()["workers"] if w["job"]], 10,
+                        "the master to show the lane job")
+        assert len(busy) == 1 and busy[0]["job"][1] == long_job._seq
+        try:  # its worker gets nothing meanwhile: all of these run on the other one
+            others = {f.result(timeout=30) for f in [ex.submit(pid_of) for _ in range(20)]}
+            assert others == {w["pid"] for w in cluster.status()["workers"]
+                              if not w["job"]}
+            assert not long_job.done()
+        finally:
+            open(gate, "w").close()
+        assert long_job.result(timeout=30) == "long"
+        wait_for(lambda: not any(w["job"] for w in cluster.status()["workers"]), 10,
+                 "both workers idle")
+
+
+@pytest.mark.timeout(90)
+def test_a_lane_job_that_kills_its_worker_is_resent_through_the_master(cluster, tmp_path):
+    with executor(cluster) as ex:
+        with_lane(ex)
+        future = ex.submit(exit_once, str(tmp_path / "died"), 42)
+        assert future._seq in ex._session.on_lane
+        assert future.result(timeout=NOTICE + 30) == 42
+        assert (tmp_path / "died").exists()  # it did die once
+    cluster.wait_workers(2)
+
+
+@pytest.mark.timeout(120)
+def test_a_lane_death_is_charged_like_any_other(cluster):
+    """A poison job first sent on the lane still fails after max_retries (3) deaths, all
+    named, the lane's among them."""
+    with executor(cluster) as ex:
+        with_lane(ex)
+        future = ex.submit(exit_worker, 0.2)
+        assert future._seq in ex._session.on_lane
+        with pytest.raises(WorkerLost) as info:
+            future.result(timeout=3 * (NOTICE + 2) + 10)
+        assert len(info.value.workers) == 3
+        cluster.wait_workers(2)
+        assert list(ex.map(abs, range(-5, 0))) == [5, 4, 3, 2, 1]
+
+
+@pytest.mark.timeout(60)
+def test_garbage_on_a_lane_and_an_inbox_is_dropped(procs, master, caplog):
+    caplog.set_level(logging.WARNING, "cw.client")
+    workers = procs.workers(master, 1)
+    with executor(master) as ex:
+        lane = with_lane(ex)
+        ctx = zmq.Context.instance()
+        for endpoint in (lane, ex._session.inbox):
+            sock = ctx.socket(zmq.PUSH)
+            sock.connect(endpoint)
+            for frames in ([b"\xc1"], [b"\x93\x28\x01\x02"], [b""], [b"\x91\xcd"],
+                           [b"\x97\x28\x01\x02\xc4\x02ab\x05\xa3bad\xc3"]):
+                sock.send_multipart(frames)
+            sock.close(linger=1000)
+        for i in range(20):  # both ends still work, on the lane
+            assert ex.submit(abs, -i).result(timeout=30) == i
+        assert ex._session.lane == lane
+    assert "dropped a bad message on the inbox" in caplog.text
+    assert "dropped a bad message on the lane" in workers.stderr()
+
+
+@pytest.mark.timeout(60)
+def test_no_local_socket_means_no_lane(procs):
+    master = procs.master("--no-local-socket")
+    procs.workers(master, 1)
+    with executor(master) as ex:
+        assert list(ex.map(abs, [-1, -2])) == [1, 2]
+        for i in range(5):
+            assert ex.submit(abs, -i).result(timeout=30) == i
+        assert ex._session.lane is None
+
+
+@pytest.mark.timeout(90)
+def test_a_lane_job_survives_a_master_restart(procs, tmp_path):
+    """The master is killed while a lane job runs: the client resubmits it to the new
+    master; whichever copy finishes first settles it, once."""
+    first = procs.master()
+    procs.workers(first, 2)
+    gate = str(tmp_path / "gate")
+    done = []
+    with executor(first) as ex:
+        with_lane(ex)
+        future = ex.submit(gated, gate, "gated")
+        future.add_done_callback(done.append)
+        assert future._seq in ex._session.on_lane
+        first.signal(signal.SIGKILL)
+        first.popen.wait(10)
+        second = procs.master(port=first.port)
+        second.wait_workers(2, timeout=30)
+        wait_for(lambda: ex._session.conn.master_id == second.status()["master_id"], 30,
+                 "the client to re-register")
+        open(gate, "w").close()
+        assert future.result(timeout=30) == "gated"
+        assert [ex.submit(abs, -i).result(timeout=30) for i in range(5)] == list(range(5))
+    assert done == [future]
