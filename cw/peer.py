@@ -13,7 +13,7 @@ A WELCOME carrying a new master id means the master restarted, and a WHO means i
 us (it timed us out); either way ``on_welcome(resync=True)`` lets the owner resubmit what it
 held. A HELLO to a master that knows us only refreshes us there.
 
-``listen(kind, handler)`` binds a further receiving socket with a thread of its own (a
+``listen(kind, handler)`` opens a further receiving socket with a thread of its own (a
 worker's lane, a client's inbox: see cw.lane), stopped and removed with the connection.
 
 An ``Alias`` is a second socket of the same peer, owned by one other thread, that sends
@@ -133,13 +133,13 @@ class Connection:
             self.log.warning("cannot send to the master: %s", exc)
         self.reader.kick()
 
-    def listen(self, kind: str, handler: Callable[[list], None]) -> Optional[str]:
-        """Bind a PULL socket in the private directory, read by a thread of its own that
-        calls ``handler(frames)`` for each message; return its endpoint, or None if there
-        can be none here. (I/O thread only.)"""
+    def listen(self, kind: str, handler: Callable[[list], None],
+               on_close: Callable[[str], None] = lambda peer: None) -> Optional[str]:
+        """Listen on a Unix socket in the private directory, read by a thread of its own
+        (cw.lane.Listener); return its path, or None if there can be none here."""
         try:
-            listener = lane.Listener(self.ctx, kind, handler, self.log)
-        except (OSError, zmq.ZMQError) as exc:
+            listener = lane.Listener(kind, handler, self.log, on_close)
+        except OSError as exc:
             self.log.warning("no %s socket: %s", kind, exc)
             return None
         self.listening.append(listener)

@@ -19,11 +19,12 @@ A function travels once per (client, worker) pair; afterwards jobs name it by di
 
 The lane (same machine only, see cw.lane): once the master has sent a client's job to a worker
 on the client's machine, it tells the client that worker's lane socket. A lone job (nothing
-else in flight) then goes straight there and its result straight back: 2 hops, not 4::
+else in flight) then goes straight there and its result straight back: 2 hops, not 4. Lane
+messages use the same headers and frames, on plain Unix sockets (cw.lane frames them)::
 
-    master --LANE endpoint cid--> client        master --LANE_LOST endpoint why graceful--> client
-    client --LJOB cid seq digest n inbox blob?--> worker lane (PULL, its I/O thread)
-    worker main thread --LRESULT seq status n + frames--> client inbox (PULL, its I/O thread)
+    master --LANE path cid--> client            master --LANE_LOST path why graceful--> client
+    client --LJOB cid seq digest n inbox blob?--> worker lane (its lane thread)
+    worker main thread --LRESULT seq status n + frames--> client inbox (its inbox thread)
     worker I/O thread  --BOUNCE seq--> client (busy: it resends through the master)
                        --LSTARTED seq--> client (a lane job still running after a tick)
                        --LANE_BUSY cid seq--> master (then: no jobs for it, its own stolen)
@@ -57,8 +58,8 @@ RESULTS = 21     # worker -> master: [RESULTS, started [[cid, seq]], done [[cid,
                  #   of lane jobs done, for the counts only)
                  # master -> client: [RESULTS, started [seq], done [[seq, status, nframes]]]
 FORGET = 22      # master -> worker: [FORGET, [cid]]  (client gone: drop its functions)
-LANE = 23       # master -> client: [LANE, endpoint, cid]
-LANE_LOST = 24  # master -> client: [LANE_LOST, endpoint, why, graceful]
+LANE = 23       # master -> client: [LANE, path, cid]
+LANE_LOST = 24  # master -> client: [LANE_LOST, path, why, graceful]
 LANE_BUSY = 25  # worker -> master: [LANE_BUSY, cid, seq]  (a lane job running long)
 LJOB = 40       # client -> worker lane: [LJOB, cid, seq, digest, nframes, inbox, has_blob]
 LRESULT = 41    # worker -> client inbox: [LRESULT, seq, status, nframes]

@@ -41,6 +41,7 @@ from typing import Callable, Optional
 
 from . import protocol as P
 from .errors import ProtocolError, WorkerLost
+from .lane import is_endpoint
 from .serialize import dumps
 
 log = logging.getLogger("cw.master")
@@ -125,7 +126,7 @@ class Worker(Peer):
         self.stealing: set[tuple[int, int]] = set()  # jobs asked back, not yet answered
         self.out_cancel: list[list] = []
         lane = info.get("lane")
-        self.lane = lane if isinstance(lane, str) and lane.startswith("ipc://") else None
+        self.lane = lane if is_endpoint(lane) else None
         self.lane_holders: set[bytes] = set()  # clients told of its lane
         self.lane_job: Optional[tuple[int, int]] = None  # a lane job it said runs long
         self.lane_job_client = ""

@@ -37,7 +37,6 @@ from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional
 
 import msgpack
-import zmq
 
 from . import address, lane
 from . import protocol as P
@@ -51,6 +50,7 @@ DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to 
 FUNCTION_CACHE = 512
 WINDOW_PER_WORKER = 24 << 20   # argument bytes a client keeps at the master, per worker
 WINDOW_MIN = 32 << 20
+LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane
 
 
 class ClientJob:
@@ -88,11 +88,11 @@ class Session:
         self.cancels: dict[int, list] = {}        # seq -> [event, answer]
         self.seqs = itertools.count(1)
         self.closed = False
-        # the lane (under lock): a worker's endpoint, our id there, a PUSH socket to it
+        # the lane (under lock): a worker's socket path, our id there, a connection to it
         self.inbox: Optional[str] = None          # where lane results come (I/O thread)
         self.lane: Optional[str] = None
         self.lane_cid = 0
-        self.lane_sock: Optional[zmq.Socket] = None
+        self.lane_sock = None                     # a socket.socket to the worker's lane
         self.lane_has: set[bytes] = set()         # digests sent on this lane
         self.on_lane: dict[int, tuple[ClientJob, str]] = {}  # seq -> (job, lane endpoint)
         info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
@@ -144,8 +144,10 @@ class Session:
                         self.inbox, has_blob)
         frames = [header, job.blob, *job.frames] if has_blob else [header, *job.frames]
         try:
-            self.lane_sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError:  # EAGAIN: not connected
+            lane.send(self.lane_sock, frames)
+        except OSError as exc:  # the worker is gone or stuck: part of it may have gone,
+            log.info("lane to %s failed (%s); using the master", self.lane, exc)
+            self._drop_lane()  # so this connection is done for (the worker drops the part)
             return False
         if has_blob:
             self.lane_has.add(job.digest)
@@ -154,7 +156,7 @@ class Session:
 
     def _drop_lane(self) -> None:  # under lock
         if self.lane_sock is not None:
-            self.lane_sock.close(linger=0)
+            self.lane_sock.close()
         self.lane, self.lane_sock = None, None
 
     def pending(self) -> int:
@@ -296,7 +298,7 @@ class Session:
 
     def _open_inbox(self) -> None:
         """Bind the inbox for lane results before the first HELLO (which says we have one)."""
-        self.inbox = self.conn.listen("inbox", self._on_inbox)
+        self.inbox = self.conn.listen("inbox", self._on_inbox, self._on_inbox_closed)
         if self.inbox:
             self.conn.info["inbox"] = True
 
@@ -324,16 +326,34 @@ class Session:
         except (ProtocolError, ValueError, TypeError, IndexError) as exc:
             log.warning("dropped a bad message on the inbox: %s", exc)
 
+    def _on_inbox_closed(self, peer: str) -> None:
+        """A worker's connection to our inbox closed (inbox thread)."""
+        self.conn.call(self._lane_closed, peer)
+
+    def _lane_closed(self, peer: str) -> None:
+        """The worker died, left, or gave up sending to us. The master's LANE_LOST says
+        which (and charges a death); if none comes, resend anyway (it gave up)."""
+        with self.lock:
+            if self.lane == peer:
+                self._drop_lane()
+            waiting = any(ep == peer for _, ep in self.on_lane.values())
+        if waiting:
+            self.conn.loop.call_later(2 * self.conn.heartbeat_timeout, self._lane_lost, peer,
+                                      "its connection closed", True)
+
     def _lane_granted(self, endpoint: str, cid: int) -> None:
-        if not isinstance(endpoint, str) or not endpoint.startswith("ipc://") or \
-                not isinstance(cid, int):
-            raise ProtocolError("LANE needs an ipc endpoint and a client id")
+        if not lane.is_endpoint(endpoint) or not isinstance(cid, int):
+            raise ProtocolError("LANE needs a socket path and a client id")
         with self.lock:
             if self.closed or not self.inbox:
                 return
             self._drop_lane()
+            try:
+                self.lane_sock = lane.connect(endpoint, self.inbox, LANE_TIMEOUT)
+            except OSError as exc:
+                log.info("cannot use the lane at %s: %s", endpoint, exc)
+                return
             self.lane, self.lane_cid, self.lane_has = endpoint, cid, set()
-            self.lane_sock = lane.push(self.conn.ctx, endpoint, immediate=True)
         log.debug("lane to the worker at %s", endpoint)
 
     def _lane_lost(self, endpoint: str, why: str, graceful: bool) -> None:
@@ -439,7 +459,7 @@ def rebuild_error(payload: list) -> BaseException:
     The original type is re-created where it unpickles here; otherwise a RemoteException
     carries its type name, message and traceback.
     """
-    blob, tb, meta = (getattr(f, "bytes", f) for f in payload)
+    blob, tb, meta = (bytes(getattr(f, "bytes", f)) for f in payload)
     type_name, message = msgpack.unpackb(meta, raw=False)
     text = tb.decode("utf-8", "replace")
     exc: Any = None

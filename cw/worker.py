@@ -40,11 +40,12 @@ from . import address, cli
 from . import protocol as P
 from . import serialize
 from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
-from .lane import Outlets
+from . import lane
 from .peer import Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.worker")
 
+RESULT_TIMEOUT = 30.0      # seconds a lane result may wait for its client to read it
 DEFAULT_SLOTS = 64         # most jobs a worker holds (the master adapts it to job length)
 FLUSH_INTERVAL = 0.025     # seconds a started/done note may wait (the I/O thread's tick)
 FLUSH_MAX = 256            # notes that force a flush
@@ -108,11 +109,11 @@ class Worker:
         self.base_path = list(sys.path)
         self.base_cwd = os.getcwd()
         self.jobs_done = 0
-        self.results_out: Optional[Outlets] = None   # lane results to client inboxes
+        self.results_out: Optional[lane.Outlets] = None  # lane results to client inboxes
         self.result_inboxes: dict[int, str] = {}      # cid -> its inbox, for FORGET
         # I/O thread only
         self.flusher: Optional[PeriodicCallback] = None
-        self.io_out: Optional[Outlets] = None         # BOUNCE and LSTARTED to client inboxes
+        self.io_out: Optional[lane.Outlets] = None    # BOUNCE and LSTARTED to client inboxes
         self.io_inboxes: dict[int, str] = {}
         self.conn = Connection(self.host, self.port, "worker", peer_info(slots=slots),
                                self._on_message, on_welcome=self._on_welcome, logger=log,
@@ -124,7 +125,7 @@ class Worker:
         log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
         self.conn.start(connect_timeout)
         self.alias = Alias(self.conn)  # results leave from this thread, on their own socket
-        self.results_out = Outlets(self.conn.ctx)
+        self.results_out = lane.Outlets(self.conn.info.get("lane", ""), RESULT_TIMEOUT)
         try:
             self.loop()
         except WorkerShutdown:
@@ -407,10 +408,10 @@ class Worker:
 
     def _open_lane(self) -> None:
         """Bind our lane before the first HELLO, which tells the master where it is."""
-        self.io_out = Outlets(self.conn.ctx)
         endpoint = self.conn.listen("lane", self._on_lane)
         if endpoint:
             self.conn.info["lane"] = endpoint
+        self.io_out = lane.Outlets(endpoint or "", 0.0)  # never blocks the I/O thread
 
     def _on_lane(self, frames: list) -> None:
         """A client's lone job (lane thread): run it next if we are idle and know the client
@@ -419,8 +420,7 @@ class Worker:
         try:
             kind, cid, seq, digest, n, inbox, has_blob = P.unpack(frames[0])
             if kind != P.LJOB or not isinstance(seq, int) or not isinstance(n, int) or \
-                    n < 1 or not isinstance(inbox, str) or not inbox.startswith("ipc://") \
-                    or len(frames) != 1 + bool(has_blob) + n:
+                    n < 1 or not lane.is_endpoint(inbox) or len(frames) != 1 + bool(has_blob) + n:
                 raise ProtocolError("not a well-formed LJOB")
         except (ProtocolError, ValueError, TypeError) as exc:
             log.warning("dropped a bad message on the lane: %s", exc)
@@ -432,12 +432,12 @@ class Worker:
                 self.blobs[(cid, digest)] = body[0]
             take = known and self.running and self.current is None and not self.pending \
                 and (cid, digest) in self.blobs
+            # the tick sends the lane note to the master, and LSTARTED if the job runs long
+            wake, self.ticking = take and not self.ticking, self.ticking or take
             if take:
                 self.pending.append(LocalJob(cid, seq, digest, body[bool(has_blob):], None,
                                              self.epoch, lane=inbox))
-                self.cond.notify()
-            # the tick sends the lane note to the master, and LSTARTED if the job runs long
-            wake, self.ticking = take and not self.ticking, self.ticking or take
+                self.cond.notify()  # last: the main thread wakes to a released lock
         if wake:
             self.conn.call(self._wake_flusher)
         elif not take:
