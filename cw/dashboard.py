@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections import deque
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
@@ -37,15 +35,9 @@ class DashboardError(CwError):
 
 
 class DashboardServer(HTTPServer):
-    """The dashboard's HTTP server; ``stop()`` also stops its sampling, ``url`` is its address."""
+    """The dashboard's HTTP server; ``url`` is its address (the master samples throughput)."""
 
     url: str = ""
-    sampler: Optional[PeriodicCallback] = None
-
-    def stop(self) -> None:
-        if self.sampler is not None:
-            self.sampler.stop()
-        super().stop()
 
 
 def snapshot(master: "Master", throughput: Throughput) -> dict:

@@ -1,12 +1,12 @@
 """The lane: a lone job goes straight from a client to a worker on its machine, and back.
 
-    client (user thread)                 worker                         client (I/O thread)
-    submit, nothing else in flight       lane: PULL, its I/O thread
-      --LJOB + frames--> PUSH ------->   idle and knows the client?
-                                           yes: run next in the main thread
-                                             --LRESULT + frames--> PUSH --> inbox: PULL --> future
-                                           no:  --BOUNCE seq------> PUSH --> inbox --> resend it
-                                                                             through the master
+    client (user thread)               worker                           client
+    submit, nothing else in flight     lane thread (a Listener)         inbox thread (a Listener)
+      --LJOB + frames-------------->   idle and knows the client?
+                                         yes: pending; the main thread runs it
+                                              --LRESULT + frames-------> _results --> future
+                                         no:  (I/O thread) --BOUNCE---> resend it through
+                                                                        the master
     master: grants a lane (LANE) once it has sent that client's job to that worker; says
     LANE_LOST when the worker leaves or dies, and the client resends what was on the lane.
 
@@ -25,9 +25,9 @@ worker's lane, a client's inbox) is a ``Listener``: a thread of its own in ``sel
     a connection starts with HELLO_TAG + the sender's own endpoint (whom EOF concerns)
 
 A sender is an ``Outlets``: one thread's connections, each send bounded by a timeout. A
-send that fails closes the connection; the client's inbox sees it close and resends through
-the master whatever was on the lane of that worker. So a stuck or vanished peer costs a
-resend, never a hang. Sockets live in the same private directory as the master's local
+send that fails closes the connection; the client's inbox sees it close, and what was on
+that worker's lane goes through the master (at LANE_LOST, or after a grace if the worker
+lives on). So a stuck or vanished peer costs a resend, never a hang. Sockets live in the same private directory as the master's local
 socket (cw.local): only the user can connect to them.
 """
 from __future__ import annotations

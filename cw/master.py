@@ -338,8 +338,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                  help="port to listen on; 0 picks a free one")
     cli.add_flag(parser, "--connection-file", default=None,
                  help="also record the master's address in this file "
-                      f"(one per master is always kept under $CW_HOME/masters, "
-                      f"CW_HOME defaulting to ~/.cw)")
+                      "(one per master is always kept under $CW_HOME/masters, "
+                      "CW_HOME defaulting to ~/.cw)")
     cli.add_flag(parser, "--heartbeat-interval", default=DEFAULT_HEARTBEAT_INTERVAL,
                  cast=float, help="seconds between heartbeats to and from peers")
     cli.add_flag(parser, "--heartbeat-timeout", default=DEFAULT_HEARTBEAT_TIMEOUT,

@@ -17,7 +17,7 @@ reference the caller's data, so this costs no copy) and leave, in order, as resu
 Small jobs never reach it: 20,000 no-op jobs are under 1 MB.
 
 The lane (cw.lane): once the master names a worker on this machine (LANE), a lone job (nothing
-else in flight, default options) goes straight to it from the submitting thread and its
+else in flight, default options, arguments up to 1 MB) goes straight to it from the submitting thread and its
 result comes straight back to ``inbox``. A job on the lane stays in ``jobs`` until settled:
 BOUNCE (the worker was busy), LANE_LOST (it left or died) or a master restart send it again
 through the master; the first outcome to arrive wins. Cancelling it answers False (it may run).
@@ -51,6 +51,7 @@ FUNCTION_CACHE = 512
 WINDOW_PER_WORKER = 24 << 20   # argument bytes a client keeps at the master, per worker
 WINDOW_MIN = 32 << 20
 LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane
+LANE_MAX_BYTES = 1 << 20       # larger arguments go through the master (zero-copy there)
 
 
 class ClientJob:
@@ -125,7 +126,7 @@ class Session:
                 self.held.append(job)
                 return seq
             self.inflight += job.size
-            if lone and opts is None and self._to_lane(job):
+            if lone and opts is None and job.size <= LANE_MAX_BYTES and self._to_lane(job):
                 pass  # straight to a worker
             elif lone and digest in self.master_has:  # its function went ahead
                 self.alias.send(self._message([job]))  # no batch to wait for: send it here
