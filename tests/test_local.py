@@ -33,9 +33,20 @@ def test_local_peers_use_a_socket_only_the_user_can_reach(cluster, cw_home):
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another user")
-def test_another_user_cannot_connect_to_the_local_socket(cluster, cw_home):
-    _, info = connection_file(cw_home)
-    path = info["local"]["endpoint"][len("ipc://"):]
+@pytest.mark.parametrize("which", ["master", "lane", "inbox"])
+def test_another_user_cannot_connect_to_the_local_sockets(cluster, cw_home, which):
+    """The master's local socket, a worker's lane and a client's inbox all refuse."""
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        lane = wait_for(lambda: ex._session.lane, 10, "a lane")
+        _, info = connection_file(cw_home)
+        path = {"master": info["local"]["endpoint"][len("ipc://"):], "lane": lane,
+                "inbox": ex._session.inbox}[which]
+        assert stat.S_ISSOCK(os.stat(path).st_mode)
+        assert_refused_to_nobody(path)
+
+
+def assert_refused_to_nobody(path: str) -> None:
     nobody = pwd.getpwnam("nobody")
     pid = os.fork()
     if pid == 0:  # the child: become another user, try to connect, exit with the outcome
