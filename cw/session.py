@@ -78,6 +78,7 @@ class Session:
         self.master_timeout = master_timeout
         self.lock = threading.Lock()
         self.delivering = threading.Lock()        # callbacks run one at a time
+        self.deliverer: Optional[int] = None      # the thread running them now
         self.jobs: dict[int, ClientJob] = {}      # unsettled jobs, by seq
         self.unsent: list[ClientJob] = []
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
@@ -197,7 +198,8 @@ class Session:
                     answers[seq] = True
                 elif seq in self.on_lane:
                     answers[seq] = False  # on its way to a worker, or running there
-                elif seq in self.jobs and not self.conn.in_io_thread():
+                elif seq in self.jobs and not self.conn.in_io_thread() and \
+                        self.deliverer != threading.get_ident():  # (a callback can't wait)
                     asked[seq] = self.cancels.setdefault(seq, [threading.Event(), False])
                 else:
                     answers[seq] = False
@@ -275,7 +277,11 @@ class Session:
 
     def _results(self, started: list, done: list, frames: list) -> None:
         with self.delivering:
-            self._deliver(started, done, frames)
+            self.deliverer = threading.get_ident()
+            try:
+                self._deliver(started, done, frames)
+            finally:
+                self.deliverer = None
         self._admit_and_flush()
 
     def _deliver(self, started: list, done: list, frames: list) -> None:

@@ -419,8 +419,9 @@ class Worker:
         master."""
         try:
             kind, cid, seq, digest, n, inbox, has_blob = P.unpack(frames[0])
-            if kind != P.LJOB or not isinstance(seq, int) or not isinstance(n, int) or \
-                    n < 1 or not lane.is_endpoint(inbox) or len(frames) != 1 + bool(has_blob) + n:
+            if kind != P.LJOB or not all(isinstance(x, int) for x in (cid, seq, n)) or \
+                    not isinstance(digest, bytes) or n < 1 or not lane.is_endpoint(inbox) \
+                    or len(frames) != 1 + bool(has_blob) + n:
                 raise ProtocolError("not a well-formed LJOB")
         except (ProtocolError, ValueError, TypeError) as exc:
             log.warning("dropped a bad message on the lane: %s", exc)
