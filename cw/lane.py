@@ -27,8 +27,9 @@ worker's lane, a client's inbox) is a ``Listener``: a thread of its own in ``sel
 A sender is an ``Outlets``: one thread's connections, each send bounded by a timeout. A
 send that fails closes the connection; the client's inbox sees it close, and what was on
 that worker's lane goes through the master (at LANE_LOST, or after a grace if the worker
-lives on). So a stuck or vanished peer costs a resend, never a hang. Sockets live in the same private directory as the master's local
-socket (cw.local): only the user can connect to them.
+lives on). So a stuck or vanished peer costs a resend, never a hang. Sockets live in the
+same private directory as the master's local socket (cw.local): only the user can connect
+to them.
 """
 from __future__ import annotations
 

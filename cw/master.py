@@ -302,6 +302,8 @@ class Master:
             return state.results(peer, header[1], header[2], frames, now, *header[3:5])
         if isinstance(peer, Worker) and kind == P.LANE_BUSY:
             return state.lane_busy(peer, header[1], header[2])
+        if isinstance(peer, Worker) and kind == P.LANE_REFUSED:
+            return state.lane_refused(peer, header[1])
         if isinstance(peer, Worker) and kind == P.CANCELLED:
             return state.cancelled(peer, header[1])
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")

@@ -28,6 +28,8 @@ messages use the same headers and frames, on plain Unix sockets (cw.lane frames 
     worker I/O thread  --BOUNCE seq--> client (busy: it resends through the master)
                        --LSTARTED seq--> client (a lane job still running after a tick)
                        --LANE_BUSY cid seq--> master (then: no jobs for it, its own stolen)
+    worker --LANE_REFUSED cid--> master: it cannot reach that client's inbox; the master takes
+                                 the lane back for good (LANE_LOST) and the client resends
     worker --RESULTS ... lane [[cid, seq]]--> master (counts lane jobs done, a tick later)
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ WHO = 4          # master -> peer: [WHO]  (unknown identity: say HELLO again)
 HEARTBEAT = 5    # both ways: [HEARTBEAT]; the master's adds its worker count: [HEARTBEAT, n]
 BYE = 6          # peer -> master: [BYE]
 SUBMIT = 10      # client -> master: [SUBMIT, fns, jobs]; fns: [digest], jobs: [[seq, digest, nframes, opts]]
+                 #   opts: None or {max_retries, timeout, losses: [workers lost on the lane]}
 CANCEL = 11      # client -> master: [CANCEL, [seq]]; master -> worker: [CANCEL, [[cid, seq]]]
 CANCELLED = 12   # worker -> master: [CANCELLED, [[cid, seq, ok]]]; master -> client: [CANCELLED, [[seq, ok]]]
 JOBS = 20        # master -> worker: [JOBS, ctxs, fns, jobs]; ctxs: [[cid, cwd, path]],
@@ -61,6 +64,7 @@ FORGET = 22      # master -> worker: [FORGET, [cid]]  (client gone: drop its fun
 LANE = 23       # master -> client: [LANE, path, cid]
 LANE_LOST = 24  # master -> client: [LANE_LOST, path, why, graceful]
 LANE_BUSY = 25  # worker -> master: [LANE_BUSY, cid, seq]  (a lane job running long)
+LANE_REFUSED = 26  # worker -> master: [LANE_REFUSED, cid]  (it cannot reach that client)
 LJOB = 40       # client -> worker lane: [LJOB, cid, seq, digest, nframes, inbox, has_blob]
 LRESULT = 41    # worker -> client inbox: [LRESULT, seq, status, nframes]
 LSTARTED = 42   # worker -> client inbox: [LSTARTED, seq]

@@ -100,7 +100,8 @@ class Client(Peer):
         self.jobs: dict[int, Job] = {}             # seq -> job queued or assigned
         self.submitted = 0
         self.done = 0
-        self.inbox = bool(info.get("inbox"))   # it can take lane results
+        self.inbox = bool(info.get("inbox"))   # it can take lane results (False once a
+        # worker could not reach it there)
         self.lane: Optional[Worker] = None     # the worker whose lane it was told of
         # outbox, flushed once per loop turn
         self.out_started: list[int] = []
@@ -383,6 +384,21 @@ class Scheduler:
         client = self.by_cid.get(cid)
         worker.lane_job_client = client.name if client else f"client {cid}"
         self._went_idle = True
+
+    def lane_refused(self, worker: Worker, cid: int) -> None:
+        """A worker cannot reach a client's inbox: no more lanes for that client."""
+        client = self.by_cid.get(cid) if isinstance(cid, int) else None
+        if client is None or not client.inbox:
+            return
+        client.inbox = False
+        log.warning("worker %s cannot reach the inbox of client %s; no lane for it",
+                    worker.name, client.name)
+        lane = client.lane
+        if lane is not None:
+            client.lane = None
+            lane.lane_holders.discard(client.ident)
+            self.send(client.ident, [P.pack(P.LANE_LOST, lane.lane,
+                                            f"{worker.name} cannot reach our inbox", True)])
 
     def _count_lane(self, worker: Worker, keys: list[tuple[int, int]]) -> None:
         worker.lane_done.extend(keys)

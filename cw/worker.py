@@ -208,8 +208,9 @@ class Worker:
             self.alias.send(message)
         if known:
             self.result_inboxes[job.cid] = job.lane
-            self.results_out.send(job.lane, [P.pack(P.LRESULT, job.seq, status, len(frames)),
-                                             *frames])
+            if not self.results_out.send(job.lane, [P.pack(P.LRESULT, job.seq, status,
+                                                           len(frames)), *frames]):
+                self.alias.send([P.pack(P.LANE_REFUSED, job.cid)])  # it resends the job
 
     def execute(self, job: LocalJob, context, blob) -> tuple[int, list]:
         """Run one job; return ``(status, frames)`` for the RESULTS message.
@@ -447,7 +448,8 @@ class Worker:
     def _tell(self, cid: int, inbox: str, kind: int, seq: int) -> None:
         """A note to a lane job's client (I/O thread)."""
         self.io_inboxes[cid] = inbox
-        self.io_out.send(inbox, [P.pack(kind, seq)])
+        if not self.io_out.send(inbox, [P.pack(kind, seq)]):
+            self.conn.send([P.pack(P.LANE_REFUSED, cid)])
 
     def _cancel(self, entries: list) -> None:
         wanted = {(cid, seq) for cid, seq in entries}

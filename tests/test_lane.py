@@ -182,3 +182,19 @@ def test_a_lane_job_survives_a_master_restart(procs, tmp_path):
         assert future.result(timeout=30) == "gated"
         assert [ex.submit(abs, -i).result(timeout=30) for i in range(5)] == list(range(5))
     assert done == [future]
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_that_cannot_reach_the_inbox_gives_the_lane_back(cluster):
+    """A tmp cleaner removed the client's inbox: the worker cannot answer on the lane, so
+    the master takes the lane back and the client resends the job through it."""
+    with executor(cluster) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        wait_for(lambda: ex._session.lane, 10, "the master to name a lane")
+        os.unlink(ex._session.inbox)  # before any worker connected to it
+        future = ex.submit(abs, -5)
+        assert future._seq in ex._session.on_lane
+        assert future.result(timeout=30) == 5
+        assert ex._session.lane is None
+        assert [ex.submit(abs, -i).result(timeout=30) for i in range(5)] == list(range(5))
+        assert not ex._session.on_lane
