@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
+import threading
+import time
 
+import psutil
 import pytest
 
 from cw import lane
@@ -19,6 +23,7 @@ from cw.errors import WorkerLost
 
 from conftest import gated, wait_for
 from test_faults import NOTICE, exit_once, exit_worker, executor
+from test_soak import KILL_EVERY
 
 
 def pid_of(_=None) -> int:
@@ -198,3 +203,35 @@ def test_a_worker_that_cannot_reach_the_inbox_gives_the_lane_back(cluster):
         assert ex._session.lane is None
         assert [ex.submit(abs, -i).result(timeout=30) for i in range(5)] == list(range(5))
         assert not ex._session.on_lane
+
+
+@pytest.mark.timeout(90)
+def test_lone_jobs_under_worker_kills_all_settle_once(procs, master):
+    """Sequential lone jobs for a few seconds while a worker process is SIGKILLed every
+    KILL_EVERY s (its supervisor restarts it): every future gets its own right result."""
+    supervisor = psutil.Process(procs.workers(master, 2).popen.pid)
+    stop = threading.Event()
+    kills = []
+
+    def chaos():
+        while not stop.wait(KILL_EVERY):
+            children = supervisor.children()
+            if children:
+                random.choice(children).kill()
+                kills.append(1)
+
+    killer = threading.Thread(target=chaos, daemon=True)
+    with executor(master) as ex:
+        with_lane(ex)
+        on_lane, i, deadline = 0, 0, time.monotonic() + 5.0
+        killer.start()
+        try:
+            while time.monotonic() < deadline or len(kills) < 3:
+                future = ex.submit(pow, i, 2)
+                on_lane += future._seq in ex._session.on_lane
+                assert future.result(timeout=60) == i * i
+                i += 1
+        finally:
+            stop.set()
+            killer.join(10)
+    assert len(kills) >= 3 and on_lane > i // 2, (len(kills), on_lane, i)
