@@ -106,6 +106,8 @@ class ClusterExecutor(Executor):
                 future.set_exception(exc)
             else:
                 self._futures[future._seq] = future
+                if future.done():  # settled already (a lane result can be that fast)
+                    self._futures.pop(future._seq, None)
             return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
@@ -193,13 +195,12 @@ class ClusterExecutor(Executor):
             future.set_running_or_notify_cancel()
 
     def _done(self, future: CwFuture, error: Optional[BaseException], value: Any) -> None:
+        if not future.done():  # settle first: _submit drops it from _futures if done
+            if error is None:
+                future.set_result(value)
+            else:
+                future.set_exception(error)
         self._futures.pop(future._seq, None)
-        if future.done():
-            return
-        if error is None:
-            future.set_result(value)
-        else:
-            future.set_exception(error)
 
     def __repr__(self) -> str:
         return f"<ClusterExecutor master={self._session.conn.endpoint}>"

@@ -40,6 +40,7 @@ import selectors
 import socket
 import struct
 import threading
+import time
 import uuid
 from typing import Callable, Optional
 
@@ -51,7 +52,8 @@ log = logging.getLogger("cw.lane")
 COUNT = struct.Struct("<I")
 LENGTH = struct.Struct("<Q")
 MAX_FRAMES = 1 << 16
-MAX_MESSAGE = 1 << 31      # bytes in one message (a peer announcing more is cut off)
+MAX_MESSAGE = 64 << 20     # bytes in one message (a peer announcing more is cut off); lane
+                           # traffic is far smaller (1 MB of arguments, 64 KB of result)
 HELLO_TAG = b"cw-lane-hello"
 JOIN_BELOW = 1 << 16       # messages smaller than this go out in one write
 READ_SIZE = 1 << 20
@@ -64,6 +66,11 @@ def new_endpoint(kind: str) -> Optional[str]:
         return None
     path = str(folder / f"{kind}-{uuid.uuid4().hex[:12]}.sock")
     return path if len(path) <= local.MAX_PATH else None
+
+
+def unreachable(error: Optional[OSError]) -> bool:
+    """True if a send failed because nothing listens there (as opposed to a slow peer)."""
+    return isinstance(error, (FileNotFoundError, ConnectionRefusedError))
 
 
 def is_endpoint(value: object) -> bool:
@@ -104,7 +111,8 @@ class Decoder:
             raise ProtocolError(f"a message of {total} bytes")
         if len(buf) < total:
             return None
-        data = memoryview(bytes(buf[head:total]))  # one copy, then views into it
+        with memoryview(buf) as view:
+            data = memoryview(bytes(view[head:total]))  # one copy, then views into it
         del buf[:total]
         frames, pos = [], 0
         for size in sizes:
@@ -145,7 +153,7 @@ class Listener:
                     if key.fileobj is self.server:
                         self._accept()
                     else:
-                        self._read(key.fileobj, key.data)
+                        self._serve(key.fileobj, key.data)
         except Exception:
             self.log.exception("the %s listener failed", self.endpoint)
         finally:
@@ -159,10 +167,29 @@ class Listener:
     def _accept(self) -> None:
         try:
             conn, _ = self.server.accept()
-        except OSError:
+        except OSError as exc:  # EMFILE: the connection waits; do not spin on it
+            self.log.warning("%s cannot accept a connection: %s", self.endpoint, exc)
+            time.sleep(0.1)
             return
         conn.setblocking(False)
         self.sel.register(conn, selectors.EVENT_READ, [Decoder(), None])
+
+    def _serve(self, conn: socket.socket, state: list) -> None:
+        """Read what a connection has; anything going wrong ends that connection only."""
+        try:
+            self._read(conn, state)
+        except Exception:
+            self.log.exception("%s: closing a connection after an error", self.endpoint)
+            self._close(conn, state)
+
+    def _close(self, conn: socket.socket, state: list) -> None:
+        self.sel.unregister(conn)
+        conn.close()
+        if state[1]:
+            try:
+                self.on_close(state[1])
+            except Exception:
+                self.log.exception("the close handler failed")
 
     def _read(self, conn: socket.socket, state: list) -> None:
         decoder = state[0]
@@ -188,10 +215,7 @@ class Listener:
                 self.handler(frames)
             except Exception:
                 self.log.exception("message handler failed; message dropped")
-        self.sel.unregister(conn)  # closed by the peer, or not speaking our protocol
-        conn.close()
-        if state[1]:
-            self.on_close(state[1])
+        self._close(conn, state)  # closed by the peer, or not speaking our protocol
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread (it closes every socket and removes the file)."""
@@ -236,18 +260,18 @@ class Outlets:
         self.me, self.timeout = me, timeout
         self.socks: dict[str, socket.socket] = {}
 
-    def send(self, endpoint: str, frames: list) -> bool:
-        """Send a message; False (logged) if it could not go."""
+    def send(self, endpoint: str, frames: list) -> Optional[OSError]:
+        """Send a message; None if it went, else the error (logged), see ``unreachable``."""
         try:
             sock = self.socks.get(endpoint)
             if sock is None:
                 sock = self.socks[endpoint] = connect(endpoint, self.me, self.timeout)
             send(sock, frames)
-            return True
+            return None
         except OSError as exc:
             log.warning("dropped a message to %s: %s", endpoint, exc)
             self.close(endpoint)
-            return False
+            return exc
 
     def close(self, endpoint: str) -> None:
         """Close the connection to one listener."""

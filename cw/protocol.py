@@ -28,6 +28,8 @@ messages use the same headers and frames, on plain Unix sockets (cw.lane frames 
     worker I/O thread  --BOUNCE seq--> client (busy: it resends through the master)
                        --LSTARTED seq--> client (a lane job still running after a tick)
                        --LANE_BUSY cid seq--> master (then: no jobs for it, its own stolen)
+    worker --LANE_RESULT cid seq status n + frames--> master --RESULTS--> client: a result
+                                 over LANE_RESULT_MAX (a client slow to read cannot stall us)
     worker --LANE_REFUSED cid--> master: it cannot reach that client's inbox; the master takes
                                  the lane back for good (LANE_LOST) and the client resends
     worker --RESULTS ... lane [[cid, seq]]--> master (counts lane jobs done, a tick later)
@@ -65,6 +67,8 @@ LANE = 23       # master -> client: [LANE, path, cid]
 LANE_LOST = 24  # master -> client: [LANE_LOST, path, why, graceful]
 LANE_BUSY = 25  # worker -> master: [LANE_BUSY, cid, seq]  (a lane job running long)
 LANE_REFUSED = 26  # worker -> master: [LANE_REFUSED, cid]  (it cannot reach that client)
+LANE_RESULT = 27   # worker -> master: [LANE_RESULT, cid, seq, status, nframes] + frames: a lane
+                   #   job's large result, passed on to the client as a RESULTS entry
 LJOB = 40       # client -> worker lane: [LJOB, cid, seq, digest, nframes, inbox, has_blob]
 LRESULT = 41    # worker -> client inbox: [LRESULT, seq, status, nframes]
 LSTARTED = 42   # worker -> client inbox: [LSTARTED, seq]

@@ -229,6 +229,10 @@ class Scheduler:
         del self.by_cid[client.cid]
         if client.lane is not None:
             client.lane.lane_holders.discard(client.ident)
+        for worker in self.workers.values():
+            if worker.lane_job and worker.lane_job[0] == client.cid:
+                worker.lane_job = None  # its note may never come: feed that worker again
+                self._went_idle = True
         self._dirty.pop(client.ident, None)
         dropped = 0
         for job in client.jobs.values():
@@ -378,12 +382,24 @@ class Scheduler:
         """A worker runs a long lane job: feed it nothing more, take back what it holds."""
         if not isinstance(cid, int) or not isinstance(seq, int):
             raise ProtocolError("LANE_BUSY needs a client id and a job number")
-        if (cid, seq) in worker.lane_done:
-            return  # came after the job's note: it is over
+        if (cid, seq) in worker.lane_done or cid not in self.by_cid:
+            return  # came after the job's note (it is over), or its client is gone
         worker.lane_job = (cid, seq)
         client = self.by_cid.get(cid)
         worker.lane_job_client = client.name if client else f"client {cid}"
         self._went_idle = True
+
+    def lane_result(self, cid: int, seq: int, status: int, frames: list) -> None:
+        """A lane job's large result, sent through us: pass it on like any result."""
+        if not all(isinstance(x, int) for x in (cid, seq, status)):
+            raise ProtocolError("LANE_RESULT needs a client id, a job number and a status")
+        client = self.by_cid.get(cid)
+        if client is None:
+            self.discarded += 1
+            return
+        client.out_done.append([seq, status, len(frames)])
+        client.out_frames.extend(frames)
+        self._dirty[client.ident] = client
 
     def lane_refused(self, worker: Worker, cid: int) -> None:
         """A worker cannot reach a client's inbox: no more lanes for that client."""

@@ -128,7 +128,7 @@ class Session:
                 self.held.append(job)
                 return seq
             self.inflight += job.size
-            if lone and opts is None and job.size <= LANE_MAX_BYTES and self._to_lane(job):
+            if lone and opts is None and self._to_lane(job):
                 pass  # straight to a worker
             elif lone and digest in self.master_has:  # its function went ahead
                 self.alias.send(self._message([job]))  # no batch to wait for: send it here
@@ -143,6 +143,8 @@ class Session:
         if self.lane_sock is None:
             return False
         has_blob = job.digest not in self.lane_has
+        if job.size + (len(job.blob) if has_blob else 0) > LANE_MAX_BYTES:
+            return False
         header = P.pack(P.LJOB, self.lane_cid, job.seq, job.digest, len(job.frames),
                         self.inbox, has_blob)
         frames = [header, job.blob, *job.frames] if has_blob else [header, *job.frames]
@@ -352,16 +354,20 @@ class Session:
     def _lane_granted(self, endpoint: str, cid: int) -> None:
         if not lane.is_endpoint(endpoint) or not isinstance(cid, int):
             raise ProtocolError("LANE needs a socket path and a client id")
+        if self.closed or not self.inbox:
+            return
+        try:  # not under the lock: a stuck worker must not stall submitting threads
+            sock = lane.connect(endpoint, self.inbox, LANE_TIMEOUT)
+        except OSError as exc:
+            log.info("cannot use the lane at %s: %s", endpoint, exc)
+            return
         with self.lock:
-            if self.closed or not self.inbox:
-                return
             self._drop_lane()
-            try:
-                self.lane_sock = lane.connect(endpoint, self.inbox, LANE_TIMEOUT)
-            except OSError as exc:
-                log.info("cannot use the lane at %s: %s", endpoint, exc)
+            if self.closed:
+                sock.close()
                 return
             self.lane, self.lane_cid, self.lane_has = endpoint, cid, set()
+            self.lane_sock = sock
         log.debug("lane to the worker at %s", endpoint)
 
     def _lane_lost(self, endpoint: str, why: str, graceful: bool) -> None:

@@ -46,6 +46,7 @@ from .peer import Alias, Connection, check_size, peer_info
 log = logging.getLogger("cw.worker")
 
 RESULT_TIMEOUT = 30.0      # seconds a lane result may wait for its client to read it
+LANE_RESULT_MAX = 64 << 10  # larger lane results go through the master (they never block us)
 DEFAULT_SLOTS = 64         # most jobs a worker holds (the master adapts it to job length)
 FLUSH_INTERVAL = 0.025     # seconds a started/done note may wait (the I/O thread's tick)
 FLUSH_MAX = 256            # notes that force a flush
@@ -196,21 +197,28 @@ class Worker:
                 return
 
     def _lane_done(self, job: LocalJob, status: int, frames: list) -> None:
-        """Send a lane job's outcome straight to its client; the master hears of it later."""
+        """Send a lane job's outcome straight to its client (a large one through the master,
+        so a client slow to read never stalls us); the master counts it from our note."""
         with self.cond:
             self.current, self.deadline = None, 0.0
             known = job.cid in self.contexts  # else its client is gone (FORGET)
-            if known:
-                self._note([], [], [], lane=[[job.cid, job.seq]])
+            # noted even then: the note is what ends a LANE_BUSY at the master
+            self._note([], [], [], lane=[[job.cid, job.seq]])
             # a long one made the master hold back: tell it at once that we are free
             message = self._take_outbox() if job.told else None
         if message:
             self.alias.send(message)
-        if known:
-            self.result_inboxes[job.cid] = job.lane
-            if not self.results_out.send(job.lane, [P.pack(P.LRESULT, job.seq, status,
-                                                           len(frames)), *frames]):
-                self.alias.send([P.pack(P.LANE_REFUSED, job.cid)])  # it resends the job
+        if not known:
+            return
+        if sum(memoryview(f).nbytes for f in frames) > LANE_RESULT_MAX:
+            self.alias.send([P.pack(P.LANE_RESULT, job.cid, job.seq, status, len(frames)),
+                             *frames])
+            return
+        self.result_inboxes[job.cid] = job.lane
+        error = self.results_out.send(job.lane, [P.pack(P.LRESULT, job.seq, status,
+                                                        len(frames)), *frames])
+        if lane.unreachable(error):  # the master takes the lane back; the client resends
+            self.alias.send([P.pack(P.LANE_REFUSED, job.cid)])
 
     def execute(self, job: LocalJob, context, blob) -> tuple[int, list]:
         """Run one job; return ``(status, frames)`` for the RESULTS message.
@@ -448,7 +456,7 @@ class Worker:
     def _tell(self, cid: int, inbox: str, kind: int, seq: int) -> None:
         """A note to a lane job's client (I/O thread)."""
         self.io_inboxes[cid] = inbox
-        if not self.io_out.send(inbox, [P.pack(kind, seq)]):
+        if lane.unreachable(self.io_out.send(inbox, [P.pack(kind, seq)])):
             self.conn.send([P.pack(P.LANE_REFUSED, cid)])
 
     def _cancel(self, entries: list) -> None:

@@ -235,3 +235,38 @@ def test_lone_jobs_under_worker_kills_all_settle_once(procs, master):
             stop.set()
             killer.join(10)
     assert len(kills) >= 3 and on_lane > i // 2, (len(kills), on_lane, i)
+
+
+def sized(n: int) -> bytes:
+    return b"x" * n
+
+
+@pytest.mark.timeout(60)
+def test_a_large_lane_result_comes_through_the_master(cluster):
+    """Results over 64 KB leave the worker through the master (queued there, so a client
+    slow to read never stalls the worker); the client cannot tell."""
+    with executor(cluster) as ex:
+        with_lane(ex)
+        for n in (10, 200_000, 3_000_000):
+            future = ex.submit(sized, n)
+            assert future._seq in ex._session.on_lane
+            assert future.result(timeout=30) == b"x" * n
+        assert ex._session.lane is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_lane_client_left_mid_job_is_fed_again(procs, master, tmp_path):
+    """A long lane job made the master hold its worker back (LANE_BUSY); its client left
+    before it ended. The worker must get jobs again once it is free."""
+    procs.workers(master, 1)
+    gate = str(tmp_path / "gate")
+    with executor(master) as gone:
+        with_lane(gone)
+        gone.submit(gated, gate, "orphan")
+        wait_for(lambda: any(w["job"] for w in master.status()["workers"]), 10,
+                 "the master to hold the worker back")
+    wait_for(lambda: not master.status()["clients"], 10, "the client gone")
+    open(gate, "w").close()
+    with executor(master) as ex:
+        assert [ex.submit(abs, -i).result(timeout=20) for i in range(3)] == [0, 1, 2]
+        assert list(ex.map(abs, range(-20, 0), timeout=20)) == list(range(20, 0, -1))
