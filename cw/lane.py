@@ -61,11 +61,7 @@ READ_SIZE = 1 << 20
 
 def new_endpoint(kind: str) -> Optional[str]:
     """A fresh socket path in the private directory (None if there is none)."""
-    folder = local.private_dir()
-    if folder is None:
-        return None
-    path = str(folder / f"{kind}-{uuid.uuid4().hex[:12]}.sock")
-    return path if len(path) <= local.MAX_PATH else None
+    return local.socket_path(f"{kind}-{uuid.uuid4().hex[:12]}.sock")
 
 
 def unreachable(error: Optional[OSError]) -> bool:
@@ -199,13 +195,15 @@ class Listener:
             return
         except OSError:
             data = b""
+        if not data:  # closed by the peer
+            return self._close(conn, state)
         decoder.feed(data)
-        while data:
+        while True:
             try:
                 frames = decoder.next()
-            except ProtocolError as exc:
+            except ProtocolError as exc:  # not speaking our protocol: cut it off
                 self.log.warning("dropped a bad message on %s: %s", self.endpoint, exc)
-                break
+                return self._close(conn, state)
             if frames is None:
                 return
             if state[1] is None and len(frames) == 2 and frames[0] == HELLO_TAG:
@@ -215,7 +213,6 @@ class Listener:
                 self.handler(frames)
             except Exception:
                 self.log.exception("message handler failed; message dropped")
-        self._close(conn, state)  # closed by the peer, or not speaking our protocol
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the thread (it closes every socket and removes the file)."""
@@ -245,7 +242,7 @@ def connect(endpoint: str, me: str, timeout: Optional[float]) -> socket.socket:
 def send(sock: socket.socket, frames: list) -> None:
     """Send one message (raises OSError, and then the connection is unusable)."""
     buffers = encode(frames)
-    if sum(b.nbytes if isinstance(b, memoryview) else len(b) for b in buffers) < JOIN_BELOW:
+    if len(buffers[0]) + sum(v.nbytes for v in buffers[1:]) < JOIN_BELOW:
         sock.sendall(b"".join(buffers))
     else:
         for buf in buffers:

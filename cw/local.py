@@ -58,15 +58,21 @@ def endpoint_for(bind_host: str, port: int) -> Optional[str]:
     """The ``ipc://`` endpoint a master bound to ``bind_host:port`` offers (None: none)."""
     if not zmq.has("ipc"):
         return None
+    name = re.sub(r"[^A-Za-z0-9.-]", "_", bind_host or "all")
+    path = socket_path(f"master-{name}-{port}.sock")
+    return f"ipc://{path}" if path else None
+
+
+def socket_path(name: str) -> Optional[str]:
+    """The path of a socket called ``name`` in the private directory (None: none fits)."""
     folder = private_dir()
     if folder is None:
         return None
-    name = re.sub(r"[^A-Za-z0-9.-]", "_", bind_host or "all")
-    path = folder / f"master-{name}-{port}.sock"
-    if len(str(path)) > MAX_PATH:
+    path = str(folder / name)
+    if len(path) > MAX_PATH:
         log.warning("no local socket: the path %s is too long for a Unix socket", path)
         return None
-    return f"ipc://{path}"
+    return path
 
 
 def usable(local: object) -> Optional[str]:

@@ -305,9 +305,7 @@ class Master:
         if isinstance(peer, Worker) and kind == P.LANE_REFUSED:
             return state.lane_refused(peer, header[1])
         if isinstance(peer, Worker) and kind == P.LANE_RESULT:
-            if header[4] != len(frames):
-                raise ProtocolError("LANE_RESULT frame count does not match its header")
-            return state.lane_result(header[1], header[2], header[3], frames)
+            return state.lane_result(header[1], header[2], header[3], header[4], frames)
         if isinstance(peer, Worker) and kind == P.CANCELLED:
             return state.cancelled(peer, header[1])
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")

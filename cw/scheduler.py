@@ -227,8 +227,7 @@ class Scheduler:
 
     def _client_gone(self, client: Client, reason: str) -> None:
         del self.by_cid[client.cid]
-        if client.lane is not None:
-            client.lane.lane_holders.discard(client.ident)
+        self._take_lane(client)
         for worker in self.workers.values():
             if worker.lane_job and worker.lane_job[0] == client.cid:
                 worker.lane_job = None  # its note may never come: feed that worker again
@@ -272,11 +271,10 @@ class Scheduler:
             self.queue.appendleft(job)
         self.queued += len(requeue)
         worker.assigned.clear()
-        for ident in worker.lane_holders:
+        for ident in list(worker.lane_holders):
             client = self.clients.get(ident)
             if client is not None and client.lane is worker:
-                client.lane = None
-                self.send(ident, [P.pack(P.LANE_LOST, worker.lane, lost, graceful)])
+                self._lane_lost(client, lost, graceful)
         level = logging.INFO if graceful else logging.WARNING
         log.log(level, "worker %s left (%s); %d jobs re-queued", who, reason, len(requeue))
 
@@ -385,14 +383,15 @@ class Scheduler:
         if (cid, seq) in worker.lane_done or cid not in self.by_cid:
             return  # came after the job's note (it is over), or its client is gone
         worker.lane_job = (cid, seq)
-        client = self.by_cid.get(cid)
-        worker.lane_job_client = client.name if client else f"client {cid}"
+        worker.lane_job_client = self.by_cid[cid].name
         self._went_idle = True
 
-    def lane_result(self, cid: int, seq: int, status: int, frames: list) -> None:
+    def lane_result(self, cid: int, seq: int, status: int, n: int, frames: list) -> None:
         """A lane job's large result, sent through us: pass it on like any result."""
         if not all(isinstance(x, int) for x in (cid, seq, status)):
             raise ProtocolError("LANE_RESULT needs a client id, a job number and a status")
+        if n != len(frames):
+            raise ProtocolError("LANE_RESULT frame count does not match its header")
         client = self.by_cid.get(cid)
         if client is None:
             self.discarded += 1
@@ -409,12 +408,20 @@ class Scheduler:
         client.inbox = False
         log.warning("worker %s cannot reach the inbox of client %s; no lane for it",
                     worker.name, client.name)
-        lane = client.lane
-        if lane is not None:
-            client.lane = None
-            lane.lane_holders.discard(client.ident)
-            self.send(client.ident, [P.pack(P.LANE_LOST, lane.lane,
-                                            f"{worker.name} cannot reach our inbox", True)])
+        self._lane_lost(client, f"{worker.name} cannot reach our inbox", True)
+
+    def _take_lane(self, client: Client) -> Optional[Worker]:
+        """Forget the lane a client was told of; return its worker (None: it had none)."""
+        worker, client.lane = client.lane, None
+        if worker is not None:
+            worker.lane_holders.discard(client.ident)
+        return worker
+
+    def _lane_lost(self, client: Client, why: str, graceful: bool) -> None:
+        """Take a client's lane back and tell it (LANE_LOST): it resends what was on it."""
+        worker = self._take_lane(client)
+        if worker is not None:
+            self.send(client.ident, [P.pack(P.LANE_LOST, worker.lane, why, graceful)])
 
     def _count_lane(self, worker: Worker, keys: list[tuple[int, int]]) -> None:
         worker.lane_done.extend(keys)

@@ -36,11 +36,10 @@ import cloudpickle
 import msgpack
 from tornado.ioloop import PeriodicCallback
 
-from . import address, cli
+from . import address, cli, lane
 from . import protocol as P
 from . import serialize
 from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
-from . import lane
 from .peer import Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.worker")
@@ -203,7 +202,7 @@ class Worker:
             self.current, self.deadline = None, 0.0
             known = job.cid in self.contexts  # else its client is gone (FORGET)
             # noted even then: the note is what ends a LANE_BUSY at the master
-            self._note([], [], [], lane=[[job.cid, job.seq]])
+            self._note([], [], [], lane_done=[[job.cid, job.seq]])
             # a long one made the master hold back: tell it at once that we are free
             message = self._take_outbox() if job.told else None
         if message:
@@ -297,13 +296,13 @@ class Worker:
         self.forgotten.clear()
 
     # ---------------------------------------------------------------- outbox (under cond)
-    def _note(self, started: list, done: list, frames: list, lane: list = ()) -> None:
+    def _note(self, started: list, done: list, frames: list, lane_done: list = ()) -> None:
         if not self._has_notes():
             self.out_since = time.monotonic()
         self.out_started.extend(started)
         self.out_done.extend(done)
         self.out_frames.extend(frames)
-        self.out_lane.extend(lane)
+        self.out_lane.extend(lane_done)
 
     def _has_notes(self) -> bool:
         return bool(self.out_started or self.out_done or self.out_lane)
@@ -443,8 +442,9 @@ class Worker:
             take = known and self.running and self.current is None and not self.pending \
                 and (cid, digest) in self.blobs
             # the tick sends the lane note to the master, and LSTARTED if the job runs long
-            wake, self.ticking = take and not self.ticking, self.ticking or take
+            wake = take and not self.ticking
             if take:
+                self.ticking = True
                 self.pending.append(LocalJob(cid, seq, digest, body[bool(has_blob):], None,
                                              self.epoch, lane=inbox))
                 self.cond.notify()  # last: the main thread wakes to a released lock
