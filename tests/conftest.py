@@ -174,3 +174,6 @@ def cluster(procs, master) -> Master:
     """A master with 2 worker processes registered."""
     procs.workers(master, 2)
     return master
+
+
+from otheruser import other_user  # noqa: E402,F401  (the fixture, for the security tests)
