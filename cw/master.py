@@ -11,6 +11,12 @@
 
 One process, one tornado IOLoop, one thread: the Scheduler has exactly one owner.
 A message that does not parse is logged and dropped; the master never dies of its input.
+
+A peer that dies is known without waiting for its heartbeats: a socket monitor on each
+ROUTER reports every closed connection (EVENT_DISCONNECTED, by file descriptor), and each
+peer's descriptor is learnt from its HELLO (the message's SRCFD). A peer whose connection
+closed and that has not reconnected (zmq redials at once) within a grace is gone. The node's
+supervisor says how a worker process died (DIED) before that, for WorkerLost to name it.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from . import address, cli, local, security
 from . import protocol as P
 from .errors import CwError, ProtocolError
-from .scheduler import Client, Scheduler, Worker
+from .scheduler import Client, Scheduler, Worker, died_entry
 from .throughput import SAMPLE_INTERVAL, Throughput
 from .zloop import SocketLoop
 
@@ -41,6 +47,12 @@ log = logging.getLogger("cw.master")
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+CLOSE_GRACE = 0.5          # seconds a peer whose connection closed has to reconnect (zmq
+#                            redials within 0.1 s) before it is gone: a killed client's jobs
+WORKER_CLOSE_GRACE = 2.0   # the same for a worker: its supervisor's DIED, naming how it
+#                            ended, normally comes first
+DIED_SETTLE = 0.1          # seconds a DIED waits for the dead worker's last messages, which
+#                            came on other connections and may still be queued here
 
 
 class Master:
@@ -63,6 +75,10 @@ class Master:
         self.local_endpoint: Optional[str] = None
         self.local_sock: Optional[zmq.Socket] = None
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
+        self.monitors: list[zmq.Socket] = []        # connection events of each ROUTER
+        self.fd_of: dict[bytes, int] = {}           # peer -> its connection's descriptor
+        self.peer_at: dict[int, bytes] = {}         # ... and back
+        self.unbound: set[bytes] = set()            # reconnected: descriptor not known yet
         self.keys: Optional[dict] = None
         self.auth = None
         self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket)
@@ -92,6 +108,8 @@ class Master:
         sock.bind(f"tcp://{host}:{self.port or '*'}")
         self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.sock = sock
+        self._monitor(sock, zmq.EVENT_DISCONNECTED |
+                      (security.HANDSHAKE_FAILURES if self.keys is not None else 0))
         self.address = f"{reachable}:{self.port}"
         if self.local_socket:
             self._bind_local()
@@ -119,6 +137,10 @@ class Master:
             sock.close(linger=0)
             return
         self.local_sock, self.local_endpoint = sock, endpoint
+        self._monitor(sock, zmq.EVENT_DISCONNECTED)
+
+    def _monitor(self, sock: zmq.Socket, events: int) -> None:
+        self.monitors.append(sock.get_monitor_socket(events))
 
     def _secure(self, sock: zmq.Socket, reachable: str) -> None:
         """CURVE keys and the ZAP handler, or a loud warning with --insecure."""
@@ -133,11 +155,64 @@ class Master:
         self.keys = security.master_keys(old) if old else security.new_keys()
         self.auth = security.start_authenticator(self.ctx, self.keys, log)
         security.secure_server(sock, self.keys)
-        self.monitor = sock.get_monitor_socket(security.HANDSHAKE_FAILURES)
 
     def _on_monitor(self, frames: list) -> None:
         event = parse_monitor_message([f.bytes for f in frames])
-        log.warning("%s", security.describe_event(event))
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            self._closed(event["value"])
+        else:
+            log.warning("%s", security.describe_event(event))
+
+    def _drain_monitors(self) -> None:
+        """Handle every connection event already reported (before binding a descriptor to a
+        peer: the close of the descriptor's previous owner must not count for the new one)."""
+        for monitor in self.monitors:
+            while True:
+                try:
+                    frames = monitor.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_monitor(frames)
+
+    def _bind_fd(self, ident: bytes, frame: zmq.Frame) -> None:
+        """Learn which connection a peer talks on, from a message it sent on it."""
+        self._drain_monitors()
+        self.unbound.discard(ident)
+        old = self.fd_of.pop(ident, None)
+        if old is not None and self.peer_at.get(old) == ident:
+            del self.peer_at[old]
+        fd = frame.get(zmq.SRCFD)
+        self.fd_of[ident], self.peer_at[fd] = fd, ident
+
+    def _closed(self, fd: int) -> None:
+        """A connection closed: if a peer talked on it, it is gone unless it reconnects."""
+        ident = self.peer_at.pop(fd, None)
+        if ident is None or self.fd_of.get(ident) != fd:
+            return
+        del self.fd_of[ident]
+        grace = WORKER_CLOSE_GRACE if ident in self.state.workers else CLOSE_GRACE
+        self.loop.call_later(grace, self._closed_for_good, ident)
+
+    def _closed_for_good(self, ident: bytes) -> None:
+        state = self.state
+        if state.peer(ident) is None or ident in self.fd_of:
+            return  # gone already (DIED, BYE), or registered again on a new connection
+        if self._send(ident, [P.pack(P.HEARTBEAT, len(state.workers))]):
+            self.unbound.add(ident)  # zmq reconnected it: its next message tells the fd
+            return
+        state.peer_gone(ident, "its connection closed")
+        self._changed()
+
+    def _died(self, supervisor, pid: int, code: int, lived: float) -> None:
+        if supervisor.ident in self.state.supervisors:
+            self.state.died(supervisor, pid, code, lived)
+            self._changed()
+
+    def _changed(self) -> None:
+        """After a change outside a message batch: flush, then look for messages again."""
+        self.state.flush()
+        for reader in self.readers:
+            reader.kick()
 
     def run(self, ready: Optional[Callable[[str], None]] = None) -> None:
         """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread.
@@ -157,9 +232,8 @@ class Master:
         self.readers = [SocketLoop(self.loop, sock, partial(self.on_message, sock=sock),
                                    self.state.flush)
                         for sock in (self.sock, self.local_sock) if sock is not None]
-        if self.keys is not None:
-            self.monitor_reader = SocketLoop(self.loop, self.monitor, self._on_monitor,
-                                             lambda: None)
+        self.monitor_readers = [SocketLoop(self.loop, monitor, self._on_monitor, lambda: None)
+                                for monitor in self.monitors]
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
         self.sample()
@@ -197,12 +271,16 @@ class Master:
             for reader in self.readers:
                 reader.close()
             if self.local_sock is not None:
+                self.local_sock.disable_monitor()
                 self.local_sock.close(linger=0)
                 local.remove(self.local_endpoint)
-            if self.keys is not None:
-                self.monitor_reader.close()
-                self.sock.disable_monitor()
-                self.monitor.close(linger=0)
+            for reader in getattr(self, "monitor_readers", ()):
+                reader.close()
+            for sock in (self.sock, self.local_sock):
+                if sock is not None and not sock.closed:
+                    sock.disable_monitor()
+            for monitor in self.monitors:
+                monitor.close(linger=0)
             self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
@@ -254,13 +332,16 @@ class Master:
         state = self.state
         state.tick(time.monotonic())
         beat = P.pack(P.HEARTBEAT, len(state.workers))
-        for ident in [*state.workers, *state.clients]:
+        for ident in [*state.workers, *state.clients, *state.supervisors]:
             self._send(ident, [beat])
         for ident in [i for i in self.routes if state.peer(i) is None]:
             del self.routes[ident]
-        state.flush()
-        for reader in self.readers:
-            reader.kick()
+        for ident in [i for i in self.fd_of if state.peer(i) is None]:
+            fd = self.fd_of.pop(ident)
+            if self.peer_at.get(fd) == ident:
+                del self.peer_at[fd]
+        self.unbound = {i for i in self.unbound if state.peer(i) is not None}
+        self._changed()
 
     def on_message(self, frames: list, sock: zmq.Socket) -> None:
         """Handle one message that came in on ``sock``; log and drop anything malformed."""
@@ -269,15 +350,16 @@ class Master:
             if len(frames) < 2:
                 raise ProtocolError("message without header")
             header = P.unpack(frames[1])
-            self._handle(ident, header, frames[2:], sock)
+            self._handle(ident, header, frames[2:], sock, frames[1])
         except (ProtocolError, ValueError, TypeError, KeyError, IndexError) as exc:
             log.warning("dropped a bad message from %s: %s", self._name(ident), exc)
 
-    def _handle(self, ident: bytes, header: list, frames: list, sock: zmq.Socket) -> None:
+    def _handle(self, ident: bytes, header: list, frames: list, sock: zmq.Socket,
+                head: zmq.Frame) -> None:
         kind = header[0]
         state = self.state
         if kind == P.HELLO:
-            return self._hello(ident, header, sock)
+            return self._hello(ident, header, sock, head)
         if kind == P.STATUS:
             self._send(ident, [P.pack(P.STATUS_REPLY, self.status())], sock)
             return
@@ -290,6 +372,8 @@ class Master:
             return
         now = time.monotonic()
         peer.last_seen = now
+        if self.unbound and ident in self.unbound:
+            self._bind_fd(ident, head)
         if kind == P.HEARTBEAT:
             return
         if kind == P.BYE:
@@ -308,15 +392,20 @@ class Master:
             return state.lane_result(header[1], header[2], header[3], header[4], frames)
         if isinstance(peer, Worker) and kind == P.CANCELLED:
             return state.cancelled(peer, header[1])
+        if kind == P.DIED and peer.ident in state.supervisors:
+            _, pid, code, lived = header
+            died_entry(pid, code, lived)
+            self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
+            return
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
 
-    def _hello(self, ident: bytes, header: list, sock: zmq.Socket) -> None:
+    def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame) -> None:
         if len(header) != 4 or not isinstance(header[3], dict):
             raise ProtocolError("HELLO must be [HELLO, version, role, info]")
         _, version, role, info = header
         try:
             P.check_version(version)
-            if role not in ("client", "worker"):
+            if role not in ("client", "worker", "supervisor"):
                 raise ProtocolError(f"unknown role {role!r}")
         except ProtocolError as exc:
             log.warning("refused %s %s from %s: %s", role, info.get("name"),
@@ -325,6 +414,8 @@ class Master:
             return
         self.routes[ident] = sock
         self.state.hello(ident, role, info, time.monotonic())
+        if not P.is_alias(ident):  # an alias's close is not its peer's
+            self._bind_fd(ident, head)
         self._send(ident, [P.pack(P.WELCOME, P.VERSION, self.state.master_id,
                                   {**self.welcome_info, "workers": len(self.state.workers)})])
 

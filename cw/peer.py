@@ -91,12 +91,16 @@ class Connection:
         return self.route.endpoint
 
     # ---------------------------------------------------------------- owner side
-    def start(self, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT) -> None:
-        """Start the I/O thread and wait until the master welcomes us (None: for ever)."""
+    def open(self) -> None:
+        """Start the I/O thread: it registers (and re-registers) in the background."""
         self._thread = threading.Thread(target=self._run, name=f"cw-{self.role}-io",
                                         daemon=True)
         self._thread.start()
         self._ready.wait()
+
+    def start(self, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT) -> None:
+        """Start the I/O thread and wait until the master welcomes us (None: for ever)."""
+        self.open()
         if not self.welcomed.wait(timeout):
             self.close()
             hint = ("" if self.route.known else "; no connection file with its keys was "

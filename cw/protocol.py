@@ -36,6 +36,7 @@ messages use the same headers and frames, on plain Unix sockets (cw.lane frames 
 """
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import msgpack
@@ -73,10 +74,13 @@ LJOB = 40       # client -> worker lane: [LJOB, cid, seq, digest, nframes, inbox
 LRESULT = 41    # worker -> client inbox: [LRESULT, seq, status, nframes]
 LSTARTED = 42   # worker -> client inbox: [LSTARTED, seq]
 BOUNCE = 43     # worker -> client inbox: [BOUNCE, seq]  (not taken: send it via the master)
+DIED = 28        # supervisor -> master: [DIED, pid, code, lived]: its worker process pid
+                 #   ended without a note after lived seconds; code: its exit code (>= 0) or
+                 #   minus the signal that killed it. The master charges the job it ran.
 STATUS = 30      # any -> master: [STATUS]
 STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
 
-ROLES = ("client", "worker", "status")
+ROLES = ("client", "worker", "supervisor", "status")
 
 # job outcome codes in RESULTS
 OK = 0       # frames: pickled result, out-of-band buffers...
@@ -112,6 +116,17 @@ def unpack(frame) -> list:
     if not isinstance(header, list) or not header or not isinstance(header[0], int):
         raise ProtocolError(f"header is not [kind, ...]: {type(header).__name__}")
     return header
+
+
+def describe_exit(code: int) -> str:
+    """How a process ended, from its return code (minus the signal if killed by one)."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"killed by {name}" + (" (the OOM killer?)" if -code == signal.SIGKILL else "")
 
 
 def check_version(version: Any) -> None:

@@ -22,6 +22,11 @@ counts them (the worker's RESULTS "lane" list), and says LANE_LOST to the client
 worker leaves; the client then resubmits what was on the lane, naming the lost worker in the
 job's options ("losses"), so the death is charged here like any other.
 
+A worker process that dies on a node whose supervisor lives is reported by that supervisor
+(DIED: pid, exit code or signal, lifetime): ``died`` runs the same worker-gone path at once,
+naming how it ended ("exit code 3", "killed by SIGSEGV"). Heartbeats remain for what only
+they can see: a lost node, a hung supervisor, a silent peer.
+
 A worker may die before its "started" note leaves it (a job that calls os._exit), so the
 master cannot always tell which held job killed it. Every job a dead worker held becomes a
 *suspect*; a suspect is re-run alone on an idle worker, where a death is charged to it
@@ -116,6 +121,8 @@ class Worker(Peer):
     def __init__(self, ident: bytes, info: dict, now: float):
         super().__init__(ident, info, now)
         self.slots = max(1, int(info.get("slots", 1)))  # most jobs it accepts to hold
+        supervisor = info.get("supervisor")  # the pid of its supervisor, if it has one
+        self.supervisor = supervisor if isinstance(supervisor, int) else None
         self.job_seconds: Optional[float] = None        # moving average of its job times
         self.hold = min(self.slots, MIN_HOLD)            # jobs it may hold now
         self.assigned: dict[tuple[int, int], Job] = {}  # (cid, seq) -> job, in dispatch order
@@ -173,6 +180,7 @@ class Scheduler:
         self.clients: dict[bytes, Client] = {}
         self.by_cid: dict[int, Client] = {}
         self.workers: dict[bytes, Worker] = {}
+        self.supervisors: dict[bytes, Peer] = {}  # one per node: it reports deaths (DIED)
         self.aliases: dict[bytes, Peer] = {}   # a peer's second, send-only socket
         self.queue: deque[Job] = deque()
         self.queued = 0            # live (not cancelled) jobs in the queue
@@ -188,7 +196,8 @@ class Scheduler:
     # ---------------------------------------------------------------- peers
     def peer(self, ident: bytes) -> Optional[Peer]:
         """The peer behind a socket identity (its own or its alias), if known."""
-        return self.clients.get(ident) or self.workers.get(ident) or self.aliases.get(ident)
+        return self.clients.get(ident) or self.workers.get(ident) or \
+            self.aliases.get(ident) or self.supervisors.get(ident)
 
     def hello(self, ident: bytes, role: str, info: dict, now: float) -> Peer:
         """Register a peer; a HELLO from a known identity only refreshes it."""
@@ -204,6 +213,8 @@ class Scheduler:
             self._next_cid += 1
             self.clients[ident] = peer
             self.by_cid[peer.cid] = peer
+        elif role == "supervisor":
+            peer = self.supervisors[ident] = Peer(ident, info, now)
         else:
             raise ProtocolError(f"unknown role {role!r}")
         alias = info.get("alias")
@@ -224,6 +235,20 @@ class Scheduler:
             self._worker_gone(self.workers.pop(ident), reason, graceful)
         elif ident in self.clients:
             self._client_gone(self.clients.pop(ident), reason)
+        elif self.supervisors.pop(ident, None) is not None:
+            log.info("supervisor %s left (%s)", peer.name, reason)
+
+    def died(self, supervisor: Peer, pid: int, code: int, lived: float) -> None:
+        """A supervisor saw its worker process ``pid`` end without a note: that worker is
+        gone now, and the job it ran is charged (no-op if it is not registered, or no more)."""
+        died_entry(pid, code, lived)
+        worker = next((w for w in self.workers.values() if w.pid == pid and
+                       w.host == supervisor.host and w.machine == supervisor.machine and
+                       w.supervisor in (None, supervisor.pid)), None)
+        if worker is None:
+            log.debug("supervisor %s: its worker %d died unregistered", supervisor.name, pid)
+            return
+        self.peer_gone(worker.ident, f"{P.describe_exit(code)} after {lived:.1f} s")
 
     def _client_gone(self, client: Client, reason: str) -> None:
         del self.by_cid[client.cid]
@@ -281,10 +306,11 @@ class Scheduler:
     def tick(self, now: float) -> None:
         """Drop every peer not heard from within the heartbeat timeout."""
         deadline = now - self.heartbeat_timeout
-        silent = [p.ident for p in (*self.workers.values(), *self.clients.values())
-                  if p.last_seen < deadline]
+        silent = [p.ident for p in (*self.workers.values(), *self.clients.values(),
+                                    *self.supervisors.values()) if p.last_seen < deadline]
         for ident in silent:
-            self.peer_gone(ident, f"silent for more than {self.heartbeat_timeout:g} s")
+            self.peer_gone(ident, f"silent for more than {self.heartbeat_timeout:g} s: "
+                                  f"node lost or hung?")
 
     # ---------------------------------------------------------------- clients
     def submit(self, client: Client, fns: list, jobs: list, frames: list) -> None:
@@ -647,8 +673,16 @@ def _client_status(c: Client) -> dict:
 def _lost_message(job: Job) -> str:
     return (f"job {job.seq} was running on {len(job.losses)} workers that died or went "
             f"silent (max_retries={job.max_retries}); likely causes: the job exhausts memory "
-            f"(OOM killer), kills its process (signal, os._exit, segfault), or its node was "
-            f"lost. Workers: " + "; ".join(job.losses))
+            f"(OOM killer: killed by SIGKILL), ends its process (os._exit, exit() in C code, "
+            f"a signal, a segfault), or its node was lost (silent). Workers: "
+            + "; ".join(job.losses))
+
+
+def died_entry(pid, code, lived) -> None:
+    """Check a DIED's fields; raise ProtocolError if they are not a pid, code, lifetime."""
+    if not isinstance(pid, int) or not isinstance(code, int) or not -128 <= code <= 255 \
+            or not isinstance(lived, (int, float)) or not lived >= 0:
+        raise ProtocolError("DIED needs a pid, an exit code and a lifetime")
 
 
 def _digest(value) -> bytes:

@@ -17,13 +17,22 @@
 Jobs run in the main thread so that SIGINT/SIGTERM interrupt a running job (WorkerShutdown);
 the worker says BYE and the master re-queues what it held. A job's exception, or a function,
 argument or result that will not (un)pickle, fails that one job; the worker lives on.
+
+    supervisor <--- socketpair (--supervisor-fd), one per worker process ---> worker process
+        "stop" ---> before it signals a stop (so a SIGTERM the job sent itself is a crash)
+               <--- "refused" (the master refused us: not restarted), "recycle" (restart me)
+        any exit without a note is a crash, whatever its exit code: restarted with back-off,
+        and told to the master (DIED, on the supervisor's own connection, role "supervisor"),
+        which charges the running job at once and names how it ended in WorkerLost
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -49,9 +58,12 @@ LANE_RESULT_MAX = 64 << 10  # larger lane results go through the master (they ne
 DEFAULT_SLOTS = 64         # most jobs a worker holds (the master adapts it to job length)
 FLUSH_INTERVAL = 0.025     # seconds a started/done note may wait (the I/O thread's tick)
 FLUSH_MAX = 256            # notes that force a flush
-EXIT_FATAL = 3             # the master refused us: the supervisor does not restart us
-EXIT_RECYCLE = 4           # a planned restart (--max-jobs, --max-memory, a stuck timed-out job)
 TIMEOUT_GRACE = 2.0        # seconds a timed-out job gets to yield to the interrupt
+# notes between a worker process and its supervisor (never exit codes: those are the job's)
+NOTE_REFUSED = b"refused"  # the master refused us: the supervisor does not restart us
+NOTE_RECYCLE = b"recycle"  # a planned restart (--max-jobs, --max-memory, a stuck timed-out job)
+NOTE_STOP = b"stop"        # supervisor -> worker: the SIGTERM/SIGINT that follows is a stop
+STOP_GRACE = 2.0           # seconds a signalled worker waits for the supervisor's "stop"
 
 
 class WorkerShutdown(BaseException):
@@ -78,8 +90,10 @@ class Worker:
     """One worker process: connects, registers and runs jobs until stopped."""
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
-                 slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0):
+                 slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
+                 link: Optional["SupervisorLink"] = None):
         self.host, self.port = address.resolve(host, port)
+        self.link = link  # to our supervisor (None: run by hand)
         self.slots = slots
         self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
         self.max_memory = max_memory      # recycle when RSS passes this many MB (0: never)
@@ -115,7 +129,8 @@ class Worker:
         self.flusher: Optional[PeriodicCallback] = None
         self.io_out: Optional[lane.Outlets] = None    # BOUNCE and LSTARTED to client inboxes
         self.io_inboxes: dict[int, str] = {}
-        self.conn = Connection(self.host, self.port, "worker", peer_info(slots=slots),
+        info = peer_info(slots=slots, supervisor=os.getppid() if link else None)
+        self.conn = Connection(self.host, self.port, "worker", info,
                                self._on_message, on_welcome=self._on_welcome, logger=log,
                                on_begin=self._open_lane)
 
@@ -372,7 +387,9 @@ class Worker:
         self._flush()
         self.conn.send([P.pack(P.BYE)])
         self.conn.sock.close(linger=2000)
-        os._exit(EXIT_RECYCLE)
+        if self.link is not None:
+            self.link.tell(NOTE_RECYCLE)
+        os._exit(0)
 
     def _flush(self) -> None:
         """Send the outbox from the I/O thread (old notes, and before BYE)."""
@@ -504,11 +521,53 @@ def error_frames(exc: BaseException) -> list:
 
 
 # -------------------------------------------------------------------- processes
-def run_child(args: argparse.Namespace) -> int:
-    """Body of one worker process."""
+class SupervisorLink:
+    """A worker process's end of the socketpair to its supervisor (``--supervisor-fd``)."""
+
+    def __init__(self, fd: int):
+        os.set_inheritable(fd, False)  # not for the job's own subprocesses
+        self.sock = socket.socket(fileno=fd)
+        self.parent = os.getppid()
+
+    def tell(self, note: bytes) -> None:
+        """Say why we exit (before exiting); any exit without a note is a crash."""
+        try:
+            self.sock.sendall(note)
+        except OSError as exc:
+            log.warning("cannot tell the supervisor %r: %s", note, exc)
+
+    def stop_asked(self, timeout: float) -> bool:
+        """Did the supervisor ask us to stop (or is it gone)? Waits up to ``timeout`` s for
+        its note, which it sends just before the signal (a SIGTERM to the whole process
+        group, from SLURM or Ctrl-C, may reach us before the supervisor has written it)."""
+        deadline = time.monotonic() + timeout
+        while os.getppid() == self.parent:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.sock], [], [], left)[0]:
+                return False
+            try:
+                note = self.sock.recv(64)
+            except OSError:
+                return True
+            if not note or NOTE_STOP in note:
+                return True  # EOF: our supervisor is gone
+        return True
+
+
+def run_child(args: argparse.Namespace) -> None:
+    """Body of one worker process. A SIGTERM/SIGINT stops it (the running job goes back to
+    the queue) when it is a stop: the supervisor said so, or there is none. Otherwise the
+    job sent it to its own process: that is a crash like any other, and we die of it."""
+    link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
+
     def interrupt(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if link is not None and not link.stop_asked(STOP_GRACE):
+            log.warning("got %s that nobody stopping us sent; dying of it",
+                        signal.Signals(signum).name)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         raise WorkerShutdown(signal.Signals(signum).name)
 
     def time_up(signum, frame):
@@ -518,36 +577,58 @@ def run_child(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGUSR1, time_up)
-    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory)
+    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory, link)
     try:
         worker.run(args.connect_timeout or None)
     except (ProtocolError, MasterUnreachable) as exc:
         log.error("%s", exc)
-        return EXIT_FATAL
+        note = NOTE_REFUSED
     except WorkerShutdown:
-        pass
-    return EXIT_RECYCLE if worker.recycle else 0
+        note = b""
+    else:
+        note = NOTE_RECYCLE if worker.recycle else b""
+    if link is not None and note:
+        link.tell(note)
 
 
 class Supervisor:
-    """Starts N worker processes and keeps N running until told to stop."""
+    """Starts N worker processes and keeps N running until told to stop.
 
-    def __init__(self, argv: list[str], n: int):
+    Each worker process gets one end of a socketpair: it notes there why it exits (refused,
+    recycle); an exit without a note is a crash. A crash is told to the master at once
+    (DIED, on our own connection), so the job it ran is charged without waiting for the
+    heartbeat timeout, and its slot is restarted (with a back-off if it keeps dying).
+    """
+
+    def __init__(self, argv: list[str], n: int, host: Optional[str] = None,
+                 port: Optional[int] = None):
         self.argv = argv
         self.n = n
         self.children: dict[int, subprocess.Popen] = {}
         self.born: dict[int, float] = {}
+        self.links: dict[int, socket.socket] = {}
         self.stopping = False
         self.quick_deaths = 0
+        host, port = address.resolve(host, port)
+        self.conn = Connection(host, port, "supervisor", peer_info(), self._on_message,
+                               logger=log)
 
     def spawn(self) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "cw.worker", "--child", *self.argv])
+        ours, theirs = socket.socketpair()
+        fd = theirs.fileno()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "cw.worker", "--child",
+                                     "--supervisor-fd", str(fd), *self.argv], pass_fds=[fd])
+        finally:
+            theirs.close()
         self.children[proc.pid] = proc
         self.born[proc.pid] = time.monotonic()
+        self.links[proc.pid] = ours
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        self.conn.open()  # registers in the background; DIED waits behind its HELLO
         for _ in range(self.n):
             self.spawn()
         log.info("supervisor %d started %d workers: %s", os.getpid(), self.n,
@@ -560,7 +641,24 @@ class Supervisor:
             except InterruptedError:
                 continue
             self._reap(pid, status)
+        self.conn.close()
         return 0
+
+    def _on_message(self, kind: int, header: list, frames: list) -> None:
+        log.warning("dropped a message of unexpected kind %s from the master", kind)
+
+    def _note(self, pid: int) -> bytes:
+        """What a worker process noted before it exited (b"": nothing, a crash)."""
+        link = self.links.pop(pid)
+        link.setblocking(False)
+        note = b""
+        try:
+            while chunk := link.recv(256):
+                note += chunk
+        except OSError:  # nothing more (BlockingIOError), or a reset
+            pass
+        link.close()
+        return note
 
     def _reap(self, pid: int, status: int) -> None:
         proc = self.children.pop(pid, None)
@@ -568,19 +666,22 @@ class Supervisor:
             return
         lived = time.monotonic() - self.born.pop(pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
+        note = self._note(pid)
         if self.stopping:
             return
-        how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-               else f"exit code {proc.returncode}")
-        if proc.returncode == EXIT_FATAL:
-            log.error("worker %d cannot work here (%s); not restarting it", pid, how)
+        if NOTE_REFUSED in note:
+            log.error("worker %d cannot work here (the master refused it or never "
+                      "answered); not restarting it", pid)
             return
-        if proc.returncode == EXIT_RECYCLE:
+        if NOTE_RECYCLE in note:
             log.info("worker %d recycled; starting a fresh one", pid)
             return self.spawn()
+        # a crash, whatever the exit code: the master charges the job it ran at once
+        self.conn.call(self.conn.send, [P.pack(P.DIED, pid, proc.returncode, lived)])
         self.quick_deaths = self.quick_deaths + 1 if lived < 1.0 else 0
         delay = min(30.0, 0.1 * 2 ** self.quick_deaths) if self.quick_deaths > 2 else 0.0
-        log.warning("worker %d died (%s) after %.1f s; starting a new one%s", pid, how, lived,
+        log.warning("worker %d died (%s) after %.1f s; starting a new one%s", pid,
+                    P.describe_exit(proc.returncode), lived,
                     f" in {delay:.1f} s (it keeps dying at start)" if delay else "")
         if delay:
             time.sleep(delay)  # back off, but never give the slot up
@@ -592,7 +693,11 @@ class Supervisor:
             log.info("supervisor got %s; stopping %d workers", signal.Signals(signum).name,
                      len(self.children))
         self.stopping = True
-        for proc in self.children.values():
+        for pid, proc in self.children.items():
+            try:  # first the note: a signal without it is one the job sent itself
+                self.links[pid].send(NOTE_STOP)
+            except OSError:
+                pass
             try:
                 proc.send_signal(signal.SIGTERM)
             except ProcessLookupError:
@@ -632,6 +737,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="find the master through SLURM: $CW_HOME/default.json, else the "
                              "node of this user's running cmaster job in squeue")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -653,11 +759,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     role = "worker" if args.child else "supervisor"
     cli.setup_logging(args.log_level, args.log_file, f"{role} {os.uname().nodename}:{os.getpid()}")
     if args.child:
-        sys.exit(run_child(args))
+        run_child(args)
+        sys.exit(0)
     if args.slurm and not args.host:
         from . import slurm
         args.host, args.port = slurm.find_master(args.connect_timeout or 300.0)
-    sys.exit(Supervisor(child_argv(args), max(1, args.processes)).run())
+    sys.exit(Supervisor(child_argv(args), max(1, args.processes), args.host, args.port).run())
 
 
 if __name__ == "__main__":
