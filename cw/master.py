@@ -159,7 +159,7 @@ class Master:
     def _on_monitor(self, frames: list) -> None:
         event = parse_monitor_message([f.bytes for f in frames])
         if event["event"] == zmq.EVENT_DISCONNECTED:
-            self._closed(event["value"])
+            self._closed(int(event["value"]))
         else:
             log.warning("%s", security.describe_event(event))
 
@@ -198,7 +198,8 @@ class Master:
         if state.peer(ident) is None or ident in self.fd_of:
             return  # gone already (DIED, BYE), or registered again on a new connection
         if self._send(ident, [P.pack(P.HEARTBEAT, len(state.workers))]):
-            self.unbound.add(ident)  # zmq reconnected it: its next message tells the fd
+            log.info("%s reconnected after its connection closed", self._name(ident))
+            self.unbound.add(ident)  # its next message tells the new descriptor
             return
         state.peer_gone(ident, "its connection closed")
         self._changed()
@@ -268,19 +269,16 @@ class Master:
             if info and info.get("master_id") == self.state.master_id:
                 path.unlink(missing_ok=True)
         if self.sock is not None:
-            for reader in self.readers:
-                reader.close()
-            if self.local_sock is not None:
-                self.local_sock.disable_monitor()
-                self.local_sock.close(linger=0)
-                local.remove(self.local_endpoint)
-            for reader in getattr(self, "monitor_readers", ()):
+            for reader in [*self.readers, *getattr(self, "monitor_readers", ())]:
                 reader.close()
             for sock in (self.sock, self.local_sock):
-                if sock is not None and not sock.closed:
+                if sock is not None:
                     sock.disable_monitor()
             for monitor in self.monitors:
                 monitor.close(linger=0)
+            if self.local_sock is not None:
+                self.local_sock.close(linger=0)
+                local.remove(self.local_endpoint)
             self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
@@ -374,6 +372,7 @@ class Master:
         peer.last_seen = now
         if self.unbound and ident in self.unbound:
             self._bind_fd(ident, head)
+            log.info("%s talks on its new connection", peer.name)
         if kind == P.HEARTBEAT:
             return
         if kind == P.BYE:

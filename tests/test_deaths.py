@@ -12,6 +12,7 @@ import ctypes
 import os
 import resource
 import signal
+import subprocess
 import time
 import uuid
 
@@ -205,3 +206,41 @@ def test_bad_or_unknown_died_reports_are_dropped(cluster):
         assert worker_pids(cluster) == pids
     finally:
         sock.close()
+
+
+def kill_connections_to(port: int) -> None:
+    """Reset every TCP connection to ``port`` from outside (``ss -K``): both ends live on."""
+    out = subprocess.run(["ss", "-K", "dst", "127.0.0.1", "dport", "=", str(port)],
+                         capture_output=True, text=True, timeout=10)
+    if out.returncode != 0 or str(port) not in out.stdout:
+        pytest.skip(f"ss -K cannot reset sockets here: {out.stderr.strip()}")
+
+
+@pytest.mark.timeout(60)
+def test_a_live_peer_whose_connection_blips_is_kept(procs, tmp_path):
+    """A closed connection is not a death when zmq reconnects the peer at once: nobody is
+    dropped or charged, and every job finishes. The new connections are watched in turn:
+    a node killed whole afterwards (no supervisor left to report) is known by them."""
+    master = procs.master("--no-local-socket", *DEFAULT_HB)  # TCP, so that ss can reset it
+    node = procs.workers(master, 2)
+    pids = worker_pids(master)
+    gate = str(tmp_path / "gate")
+    with executor(master) as ex:
+        futures = [ex.submit(gated, gate, i) for i in range(6)]
+        wait_for(lambda: sum(f.running() for f in futures) == 2, 20, "2 jobs running")
+        kill_connections_to(master.port)
+        wait_for(lambda: master.stderr().count("reconnected") >= 4, 10,
+                 "the master to see its 4 peers reconnect")
+        open(gate, "w").close()
+        assert [f.result(timeout=30) for f in futures] == list(range(6))
+        wait_for(lambda: master.stderr().count("talks on its new connection") >= 4, 10,
+                 "the 4 peers' new connections known")
+        log = master.stderr()
+        assert "left (its connection closed)" not in log and "silent for" not in log
+        assert log.count("joined") == 4  # 2 workers, their supervisor, 1 client: once
+        os.killpg(node.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: not worker_pids(master), 8, "the killed node's workers dropped")
+        print(f"a node killed whole is known after {time.monotonic() - killed:.2f} s")
+    log = master.stderr()
+    assert all(f"(pid {pid}) left (its connection closed)" in log for pid in pids), log
