@@ -244,3 +244,26 @@ def test_a_live_peer_whose_connection_blips_is_kept(procs, tmp_path):
         print(f"a node killed whole is known after {time.monotonic() - killed:.2f} s")
     log = master.stderr()
     assert all(f"(pid {pid}) left (its connection closed)" in log for pid in pids), log
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("to", ["supervisor", "process-group"])
+def test_stopping_a_node_mid_job_charges_no_death(procs, master, tmp_path, to):
+    """A SIGTERM is a death only when the job sent it to itself: a node stopped (its
+    supervisor signalled, or its whole process group at once, as SLURM's scancel and
+    Ctrl-C do) gives its running job back uncharged, even with max_retries=1."""
+    gate = str(tmp_path / "gate")
+    node = procs.workers(master, 1)
+    with executor(master, max_retries=1) as ex:
+        future = ex.submit(gated, gate, "ran elsewhere")
+        victim = busy_worker(master)["pid"]
+        procs.workers(master, 1)
+        if to == "supervisor":
+            node.signal(signal.SIGTERM)
+        else:
+            os.killpg(node.pid, signal.SIGTERM)
+        assert node.popen.wait(20) == 0
+        wait_for(lambda: victim not in worker_pids(master), 10, "the stopped worker gone")
+        open(gate, "w").close()
+        assert future.result(timeout=30) == "ran elsewhere"
+    assert f"(pid {victim}) left (said goodbye)" in master.stderr()
