@@ -14,6 +14,12 @@ they ride in their own frames, in the order the header lists them::
       | <-- CANCELLED [[seq, ok]]     |   <-- CANCELLED [[cid, seq, ok]] |
       | HEARTBEAT <--------------->   |   <---------------> HEARTBEAT    |
 
+A node's supervisor has a connection of its own (role "supervisor") to report deaths::
+
+    supervisor --DIED pid code lived--> master: a worker process ended without a note; the
+                                        master charges its running job now, not after the
+                                        heartbeat timeout, and names how it ended
+
 Jobs are batched: one SUBMIT, JOBS or RESULTS message carries any number of jobs.
 A function travels once per (client, worker) pair; afterwards jobs name it by digest.
 
