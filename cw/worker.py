@@ -39,7 +39,7 @@ from tornado.ioloop import PeriodicCallback
 from . import address, cli, lane
 from . import protocol as P
 from . import serialize
-from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
+from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError, SecurityError
 from .peer import Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.worker")
@@ -78,7 +78,8 @@ class Worker:
     """One worker process: connects, registers and runs jobs until stopped."""
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
-                 slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0):
+                 slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
+                 insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
         self.slots = slots
         self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
@@ -117,7 +118,7 @@ class Worker:
         self.io_inboxes: dict[int, str] = {}
         self.conn = Connection(self.host, self.port, "worker", peer_info(slots=slots),
                                self._on_message, on_welcome=self._on_welcome, logger=log,
-                               on_begin=self._open_lane)
+                               on_begin=self._open_lane, insecure=insecure)
 
     # ---------------------------------------------------------------- main thread
     def run(self, connect_timeout: Optional[float] = None) -> None:
@@ -518,10 +519,11 @@ def run_child(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGUSR1, time_up)
-    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory)
+    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory,
+                    args.insecure)
     try:
         worker.run(args.connect_timeout or None)
-    except (ProtocolError, MasterUnreachable) as exc:
+    except (ProtocolError, MasterUnreachable, SecurityError) as exc:
         log.error("%s", exc)
         return EXIT_FATAL
     except WorkerShutdown:
@@ -626,7 +628,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       "many MB (0: never)")
     cli.add_flag(parser, "--connect-timeout", default=0.0, cast=float,
                  help="give up if no master answers within this many seconds; 0 waits "
-                      "for ever")
+                      "for ever (also for its connection file: a worker never dials a "
+                      "master without its keys)")
+    cli.add_flag(parser, "--insecure", default=False, action="store_true",
+                 help="if no connection file has the master's keys, talk plain TCP to it "
+                      "(a loopback master started with --insecure only)")
     cli.add_logging_flags(parser)
     parser.add_argument("--slurm", action="store_true",
                         help="find the master through SLURM: $CW_HOME/default.json, else the "
@@ -644,7 +650,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
                         ("--log-level", args.log_level), ("--log-file", args.log_file)):
         if value is not None:
             argv += [flag, str(value)]
-    return argv
+    return argv + ["--insecure"] * args.insecure
 
 
 def main(argv: Optional[list[str]] = None) -> None:
