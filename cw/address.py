@@ -82,10 +82,20 @@ def open_private(path: os.PathLike | str, mode: str = "ab"):
     return os.fdopen(os.open(path, flags, 0o600), mode)
 
 
+def exposed(path: os.PathLike | str) -> Optional[os.stat_result]:
+    """The file's status if others may read or write it (group or other bits, or not ours);
+    None if it is private or missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if st.st_mode & 0o077 or st.st_uid != os.getuid() else None
+
+
 def check_private(path: os.PathLike | str) -> None:
     """Refuse, like ssh with a private key, a file with keys that others can read."""
-    st = os.stat(path)
-    if st.st_mode & 0o077 or st.st_uid != os.getuid():
+    st = exposed(path)
+    if st is not None:
         owner = "" if st.st_uid == os.getuid() else f", owned by uid {st.st_uid}, not us"
         raise SecurityError(
             f"the connection file {path} holds keys but is readable or writable by others "

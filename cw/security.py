@@ -29,9 +29,7 @@ experiments on loopback, with a warning.
 from __future__ import annotations
 
 import logging
-import os
 import socket
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import zmq
@@ -238,19 +236,11 @@ def master_keys(host: str, port: int) -> tuple[dict, str]:
         return new_keys(), "new keys"
     paths = [secret, *(address.master_connection_file(host, port, f)
                        for f in FOLDERS.values())]
-    leaky = [str(p) for p in paths if _readable_by_others(p)]
+    leaky = [str(p) for p in paths if address.exposed(p)]
     if leaky:
         return new_keys(), f"new keys: the old ones may have leaked ({', '.join(leaky)} " \
                            f"readable by others)"
     return {k: info[k] for k in KEY_FIELDS}, f"the keys of {secret}"
-
-
-def _readable_by_others(path: Path) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False
-    return bool(st.st_mode & 0o077) or st.st_uid != os.getuid()
 
 
 def _same_host(a: str, b: str) -> bool:

@@ -17,11 +17,9 @@ import stat
 import subprocess
 import sys
 import tempfile
-import urllib.request
 import uuid
 from pathlib import Path
 
-import msgpack
 import pytest
 import zmq
 
@@ -31,7 +29,7 @@ from cw.client import ClusterExecutor
 from cw.errors import MasterUnreachable, NoKeys, SecurityError
 from cw.status import status
 
-from conftest import Master, gated, wait_for
+from conftest import gated, wait_for
 
 
 def hello_from(master, keys, role="client", info=None):
