@@ -100,7 +100,7 @@ def fake_workers(port: int, n: int, home: str, ready) -> None:
     """``n`` simulated workers in this process: answer every job at once with None."""
     os.environ["CW_HOME"] = home
     ctx = zmq.Context()
-    keys = security.keys_for("127.0.0.1", port)
+    keys = security.keys_for("127.0.0.1", port, "worker")
     socks = []
     poller = zmq.Poller()
     for _ in range(n):

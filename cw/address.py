@@ -7,9 +7,17 @@
       else extra finders (SLURM's squeue) ... first answer
       else .................................. ("localhost", 5494)
 
-A master writes a connection file (JSON, mode 0600) per master under ``$CW_HOME/masters/``
-and, when told to, one more at a given path (launchers use ``$CW_HOME/default.json``).
-``CW_HOME`` defaults to ``~/.cw``, which on clusters is the shared home directory.
+A master writes, per master (``<host>-<port>.json``, JSON, mode 0600, in folders of mode 0700):
+
+    $CW_HOME/masters/   what clients (and status) read: address, the master's public key,
+                        the clients' key pair
+    $CW_HOME/workers/   what workers read: the same with the workers' key pair
+    $CW_HOME/secrets/   what only the master reads: its secret key (and the key pairs, so
+                        a restarted master can write the same files again)
+
+and, when told to, one more client file at a given path (launchers use
+``$CW_HOME/default.json``). ``CW_HOME`` defaults to ``~/.cw``, which on clusters is the
+shared home directory. Every folder and file cw creates there is private to the user.
 """
 from __future__ import annotations
 
@@ -17,9 +25,11 @@ import json
 import os
 import shutil
 import socket
+import stat
 from pathlib import Path
 from typing import Callable, Optional
 
+from .errors import SecurityError
 from .protocol import DEFAULT_PORT
 
 def _slurm_finder() -> Optional[str]:
@@ -44,9 +54,53 @@ def default_connection_file() -> Path:
     return cw_home() / "default.json"
 
 
-def master_connection_file(host: str, port: int) -> Path:
-    """The per-master connection file (one per host and port, so masters never clash)."""
-    return cw_home() / "masters" / f"{host}-{port}.json"
+def master_connection_file(host: str, port: int, folder: str = "masters") -> Path:
+    """The per-master connection file (one per host and port, so masters never clash):
+    ``folder`` "masters" for clients, "workers" for workers, "secrets" for the master."""
+    return cw_home() / folder / f"{host}-{port}.json"
+
+
+def private_mkdir(path: os.PathLike | str) -> Path:
+    """Create ``path`` and every missing folder above it with mode 0700 (``mkdir -p``
+    gives the mode to the last folder only)."""
+    path = Path(path)
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    return path
+
+
+def open_private(path: os.PathLike | str, mode: str = "ab"):
+    """Open a file for writing, created with mode 0600 (its folders 0700) whatever the
+    umask: for logs and state files, which may hold tokens, keys or paths."""
+    path = Path(path)
+    private_mkdir(path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode)
+
+
+def exposed(path: os.PathLike | str) -> Optional[os.stat_result]:
+    """The file's status if others may read or write it (group or other bits, or not ours);
+    None if it is private or missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st if st.st_mode & 0o077 or st.st_uid != os.getuid() else None
+
+
+def check_private(path: os.PathLike | str) -> None:
+    """Refuse, like ssh with a private key, a file with keys that others can read."""
+    st = exposed(path)
+    if st is not None:
+        owner = "" if st.st_uid == os.getuid() else f", owned by uid {st.st_uid}, not us"
+        raise SecurityError(
+            f"the connection file {path} holds keys but is readable or writable by others "
+            f"(mode {stat.filemode(st.st_mode)}{owner}); cw will not use it. Fix it with "
+            f"`chmod 600 {path}`, or restart the master, which writes new keys")
 
 
 def parse_address(text: str, port: Optional[int] = None) -> tuple[str, int]:
@@ -90,7 +144,7 @@ def read_connection_file(path: os.PathLike | str) -> Optional[dict]:
 def write_connection_file(path: os.PathLike | str, info: dict) -> Path:
     """Write ``info`` as JSON to ``path`` atomically, readable by the user only."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_mkdir(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -66,21 +66,23 @@ class ClusterExecutor(Executor):
 
     ``host``/``port`` name the master (``host=None``: see ``cw.address.resolve``).
     Construction fails with ``MasterUnreachable`` if no master answers within
-    ``connect_timeout`` seconds; pending futures fail with ``MasterLost`` if the master is
-    silent for ``master_timeout`` seconds.
+    ``connect_timeout`` seconds (``NoKeys``, a subclass, if this user has no connection
+    file with its keys); pending futures fail with ``MasterLost`` if the master is
+    silent for ``master_timeout`` seconds. ``insecure=True`` allows plain TCP to a
+    loopback master started with ``--insecure`` (any local user could pose as it).
     """
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
                  max_retries: int = DEFAULT_MAX_RETRIES, timeout: Optional[float] = None,
                  map_window: int = DEFAULT_MAP_WINDOW, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self._opts = job_options(max_retries, timeout)
         self.map_window = map_window
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: dict[int, CwFuture] = {}
         self._session = Session(host, port, self._started, self._done,
-                                connect_timeout, master_timeout)
+                                connect_timeout, master_timeout, insecure)
 
     # ---------------------------------------------------------------- Executor API
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
@@ -249,8 +251,9 @@ class ClientThread:
     def __init__(self, callback: Callable[[Any, Any], None], host: Optional[str] = None,
                  port: Optional[int] = None, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self.callback = callback
+        self.insecure = insecure
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
         self.master_timeout = master_timeout
@@ -263,7 +266,7 @@ class ClientThread:
         """Connect to the master (raises MasterUnreachable if none answers)."""
         if self._session is None:
             self._session = Session(self.host, self.port, lambda jobid: None, self._done,
-                                    self.connect_timeout, self.master_timeout)
+                                    self.connect_timeout, self.master_timeout, self.insecure)
         return self
 
     def submit(self, jobid: Any, func: Callable, *args, **kwargs) -> None:

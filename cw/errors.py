@@ -6,6 +6,9 @@
      │    └── TooLarge        ... or is larger than the master accepts (--max-message-size)
      ├── ProtocolError        a peer spoke a version or a message we do not understand
      ├── MasterUnreachable    no master answered within the bounded wait
+     │    └── NoKeys          ... or none could be dialled: no connection file with its keys
+     ├── SecurityError        a file with keys others can read, --insecure off loopback, ...
+     │    └── NoKeys
      ├── MasterLost           the master went silent for longer than the client tolerates
      ├── WorkerLost           the job's worker died (too many times); names the workers
      └── JobTimeout           the job ran past its deadline (also a TimeoutError)
@@ -55,6 +58,26 @@ class ProtocolError(CwError):
 
 class MasterUnreachable(CwError, ConnectionError):
     """No master answered at the given address within the bounded wait."""
+
+
+class SecurityError(CwError):
+    """cw refused to do something unsafe: read keys others can read, talk plain TCP off
+    loopback, ..."""
+
+
+class NoKeys(SecurityError, MasterUnreachable):
+    """No connection file with the keys of the master a peer was pointed at.
+
+    A peer never talks to a master whose keys it does not have (only ``insecure=True``
+    allows plain TCP, to a loopback master). ``path`` is the connection file looked for.
+    """
+
+    def __init__(self, message: str, path: str = ""):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):
+        return (type(self), (self.args[0], self.path))
 
 
 class MasterLost(CwError, ConnectionError):

@@ -145,14 +145,16 @@ class Master:
     def _secure(self, sock: zmq.Socket, reachable: str) -> None:
         """CURVE keys and the ZAP handler, or a loud warning with --insecure."""
         if self.insecure:
-            if not _is_loopback(self.bind_host):
+            if not security.is_loopback(self.bind_host):
                 raise SystemExit("cw-master: --insecure is only allowed when bound to loopback "
                                  "(--host 127.0.0.1): anyone reaching the port could run code")
             log.warning("running WITHOUT authentication or encryption (--insecure): any "
                         "local user can submit code to this master")
             return
-        old = address.master_connection_file(reachable, self.port) if self.port else None
-        self.keys = security.master_keys(old) if old else security.new_keys()
+        self.keys, source = security.master_keys(reachable, self.port) if self.port else \
+            (security.new_keys(), "new keys")
+        log.log(logging.WARNING if "leaked" in source else logging.INFO, "CurveZMQ with %s",
+                source)
         self.auth = security.start_authenticator(self.ctx, self.keys, log)
         security.secure_server(sock, self.keys)
 
@@ -286,18 +288,27 @@ class Master:
         log.info("master stopped after routing %d results", self.state.routed)
 
     def _write_connection_files(self) -> None:
+        """One file per role (see cw.address): clients never see the master's secret key
+        nor the workers' keys."""
         host = self.address.rsplit(":", 1)[0]
         info = {"host": host, "port": self.port, "pid": os.getpid(),
                 "master_id": self.state.master_id, "started": time.time(),
-                "insecure": self.insecure, **(self.keys or {})}
+                "insecure": self.insecure}
         if self.local_endpoint:
             info["local"] = {"endpoint": self.local_endpoint, "machine": local.machine_id()}
-        paths = [address.master_connection_file(host, self.port)]
+        keys = self.keys or {}
+        client = {**info, **(security.peer_keys(keys, "client") if keys else {})}
+        files = [(address.master_connection_file(host, self.port), client),
+                 (address.master_connection_file(host, self.port, "workers"),
+                  {**info, **(security.peer_keys(keys, "worker") if keys else {})})]
+        if keys:
+            files.append((address.master_connection_file(host, self.port, "secrets"),
+                          {**info, **keys}))
         if self.extra_connection_file:
-            paths.append(Path(self.extra_connection_file).expanduser())
-        for path in paths:
+            files.append((Path(self.extra_connection_file).expanduser(), client))
+        for path, content in files:
             try:
-                self.files.append(address.write_connection_file(path, info))
+                self.files.append(address.write_connection_file(path, content))
             except OSError as exc:
                 log.warning("cannot write connection file %s: %s", path, exc)
 
@@ -357,7 +368,8 @@ class Master:
         kind = header[0]
         state = self.state
         if kind == P.HELLO:
-            return self._hello(ident, header, sock, head)
+            return self._hello(ident, header, sock, head,
+                               security.role_of(head, self.keys) if sock is self.sock else None)
         if kind == P.STATUS:
             self._send(ident, [P.pack(P.STATUS_REPLY, self.status())], sock)
             return
@@ -388,7 +400,7 @@ class Master:
         if isinstance(peer, Worker) and kind == P.LANE_REFUSED:
             return state.lane_refused(peer, header[1])
         if isinstance(peer, Worker) and kind == P.LANE_RESULT:
-            return state.lane_result(header[1], header[2], header[3], header[4], frames)
+            return state.lane_result(peer, header[1], header[2], header[3], header[4], frames)
         if isinstance(peer, Worker) and kind == P.CANCELLED:
             return state.cancelled(peer, header[1])
         if kind == P.DIED and peer.ident in state.supervisors:
@@ -398,7 +410,12 @@ class Master:
             return
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
 
-    def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame) -> None:
+    def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame,
+               key_role: Optional[str]) -> None:
+        """Register a peer. Over TCP its role is the one of the key it presented (ZAP):
+        a client key never registers a worker, nor a worker key a client (a node's
+        supervisor holds the workers' key). On the local socket (and with --insecure) the
+        role is what the peer says."""
         if len(header) != 4 or not isinstance(header[3], dict):
             raise ProtocolError("HELLO must be [HELLO, version, role, info]")
         _, version, role, info = header
@@ -406,9 +423,12 @@ class Master:
             P.check_version(version)
             if role not in ("client", "worker", "supervisor"):
                 raise ProtocolError(f"unknown role {role!r}")
+            if key_role is not None and key_role != security.KEY_ROLE.get(role, role):
+                raise ProtocolError(f"a {key_role} key cannot register as a {role}")
+            P.check_hello_info(info)
         except ProtocolError as exc:
-            log.warning("refused %s %s from %s: %s", role, info.get("name"),
-                        info.get("host"), exc)
+            log.warning("refused %s %s from %s: %s", str(role)[:32], str(info.get("name"))[:64],
+                        str(info.get("host"))[:64], exc)
             self._send(ident, [P.pack(P.REFUSE, str(exc))], sock)
             return
         self.routes[ident] = sock
@@ -471,10 +491,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
     except CwError as exc:
         raise SystemExit(f"cw-master: {exc}")
-
-
-def _is_loopback(host: str) -> bool:
-    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 if __name__ == "__main__":

@@ -117,8 +117,7 @@ def state_file() -> Path:
 def _state() -> Iterator[list[Proc]]:
     """Lock the state file and yield its records; changes to the list are saved."""
     path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(path.with_name(".mp.lock"), "w") as lock:
+    with address.open_private(path.with_name(".mp.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             procs = [Proc(**p) for p in json.loads(path.read_text())["procs"]]
@@ -127,8 +126,8 @@ def _state() -> Iterator[list[Proc]]:
         yield procs
         if procs:
             tmp = path.with_name(f".mp.json.{os.getpid()}")
-            tmp.write_text(json.dumps({"procs": [dataclasses.asdict(p) for p in procs]},
-                                      indent=1))
+            with address.open_private(tmp, "w") as f:
+                f.write(json.dumps({"procs": [dataclasses.asdict(p) for p in procs]}, indent=1))
             os.replace(tmp, path)
         else:
             path.unlink(missing_ok=True)
@@ -137,10 +136,8 @@ def _state() -> Iterator[list[Proc]]:
 # ------------------------------------------------------------------ start
 def _launch(role: str, argv: list[str], host: str, port: int, n: int = 0) -> Proc:
     """Start ``argv`` in a session of its own, output to $CW_HOME/logs; record it."""
-    logs = address.cw_home() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"mp-{role}.log"
-    with open(log_path, "ab") as out:
+    log_path = address.cw_home() / "logs" / f"mp-{role}.log"
+    with address.open_private(log_path, "ab") as out:
         popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                  env=child_env(), start_new_session=True)
     _children[popen.pid] = popen

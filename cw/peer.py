@@ -37,10 +37,11 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 
 from . import protocol as P
 from . import lane, local, security
-from .errors import MasterUnreachable, ProtocolError, TooLarge
+from .errors import MasterUnreachable, NoKeys, ProtocolError, TooLarge
 from .zloop import SocketLoop
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+KEYS_POLL = 0.2  # seconds between looks for a master's connection file
 
 
 def peer_info(**extra) -> dict:
@@ -58,10 +59,11 @@ class Connection:
                  on_welcome: Callable[[bool], None] = lambda restarted: None,
                  on_silence: Callable[[float], None] = lambda seconds: None,
                  logger: Optional[logging.Logger] = None,
-                 on_begin: Callable[[], None] = lambda: None):
+                 on_begin: Callable[[], None] = lambda: None, insecure: bool = False):
         self.host, self.port = host, port
-        self.route = security.route_for(host, port)
         self.role = role
+        self.insecure = insecure
+        self.route = self._find_route()
         self.handler = handler
         self.on_welcome = on_welcome
         self.on_silence = on_silence
@@ -88,11 +90,37 @@ class Connection:
     @property
     def endpoint(self) -> str:
         """Where we dial the master: its local socket on its machine, else tcp://host:port."""
-        return self.route.endpoint
+        return self.route.endpoint if self.route else f"tcp://{self.host}:{self.port}"
+
+    def _find_route(self, allow_local: bool = True) -> Optional[security.Route]:
+        """How to reach the master with our role's keys; None while we have none."""
+        try:
+            return security.route_for(self.host, self.port, allow_local, self.role,
+                                      self.insecure)
+        except NoKeys as exc:
+            self.no_keys = exc
+            return None
+
+    def _wait_for_keys(self, timeout: Optional[float]) -> None:
+        """Never dial a master without its keys: wait (bounded by ``timeout``, None: for
+        ever) until its connection file appears, else raise NoKeys."""
+        if self.route is not None:
+            return
+        self.log.warning("%s; waiting for it", self.no_keys)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.route is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise self.no_keys
+            time.sleep(KEYS_POLL)
+            self.route = self._find_route()
+        self.log.info("found the keys of the master at %s:%s", self.host, self.port)
 
     # ---------------------------------------------------------------- owner side
-    def open(self) -> None:
-        """Start the I/O thread: it registers (and re-registers) in the background."""
+    def open(self, keys_timeout: Optional[float] = None) -> None:
+        """Wait (up to ``keys_timeout``, None: for ever) for the master's keys, else raise
+        NoKeys; then start the I/O thread: it registers (and re-registers) in the
+        background."""
+        self._wait_for_keys(keys_timeout)
         self._thread = threading.Thread(target=self._run, name=f"cw-{self.role}-io",
                                         daemon=True)
         self._thread.start()
@@ -100,11 +128,14 @@ class Connection:
 
     def start(self, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT) -> None:
         """Start the I/O thread and wait until the master welcomes us (None: for ever)."""
-        self.open()
+        started = time.monotonic()
+        self.open(timeout)
+        if timeout is not None:
+            timeout = max(0.0, timeout - (time.monotonic() - started))
         if not self.welcomed.wait(timeout):
             self.close()
-            hint = ("" if self.route.known else "; no connection file with its keys was "
-                    f"found under {security.address.cw_home()} (is CW_HOME the master's?)")
+            hint = ("" if self.route.known else "; it runs without keys, as we were told: "
+                    "insecure")
             raise MasterUnreachable(f"no cw master answered at {self.endpoint} within "
                                     f"{timeout:g} s (is `python -m cw.master` running "
                                     f"there?{hint})")
@@ -192,8 +223,8 @@ class Connection:
 
     def _reroute_if_changed(self) -> None:
         """A master restarted with new keys or sockets: reconnect as its new file says."""
-        route = security.route_for(self.host, self.port)
-        if not route.known or route == self.route:
+        route = self._find_route()
+        if route is None or not route.known or route == self.route:
             return
         self.log.info("the master's connection file changed; reconnecting to %s",
                       route.endpoint)
@@ -323,5 +354,5 @@ class Alias:
         self.close(linger=0)
         self.route = route = self.conn.route
         if route.endpoint.startswith("ipc://") and not local.present(route.endpoint):
-            route = security.route_for(self.conn.host, self.conn.port, allow_local=False)
+            route = self.conn._find_route(allow_local=False) or route
         self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1, route=route)

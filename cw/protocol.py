@@ -135,6 +135,32 @@ def describe_exit(code: int) -> str:
     return f"killed by {name}" + (" (the OOM killer?)" if -code == signal.SIGKILL else "")
 
 
+# HELLO info fields: name -> (types, most items or characters); anything else is ignored
+HELLO_FIELDS = {"name": (str, 256), "host": (str, 256), "pid": (int, 0), "python": (str, 64),
+                "machine": (str, 512), "alias": (bytes, 64), "slots": (int, 0),
+                "lane": (str, 4096), "inbox": (bool, 0), "cwd": (str, 4096),
+                "path": (list, 4096)}
+MAX_PATH_ENTRY = 4096
+
+
+def check_hello_info(info: dict) -> None:
+    """Raise ProtocolError unless every known field of a HELLO's info has its type (status
+    pages show them: a pid sent as bytes once made them fail)."""
+    for name, (kind, most) in HELLO_FIELDS.items():
+        if name not in info:
+            continue
+        value = info[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ProtocolError(f"HELLO field {name!r} must be {kind.__name__}, not "
+                                f"{type(value).__name__}")
+        if most and len(value) > most:
+            raise ProtocolError(f"HELLO field {name!r} is longer than {most}")
+    if any(not isinstance(p, str) or len(p) > MAX_PATH_ENTRY for p in info.get("path", ())):
+        raise ProtocolError("HELLO field 'path' must be a list of strings")
+    if info.get("slots", 1) < 1 or not 0 <= info.get("pid", 0) < 1 << 63:
+        raise ProtocolError("HELLO fields 'slots' must be >= 1 and 'pid' a process id")
+
+
 def check_version(version: Any) -> None:
     """Raise ProtocolError if a peer's protocol version is not ours."""
     if version != VERSION:

@@ -38,6 +38,7 @@ Everything sent goes through ``send(ident, frames)``, which returns False if the
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 import uuid
@@ -132,6 +133,7 @@ class Worker(Peer):
         self.failures = 0
         self.isolated = False  # holds one suspect job and nothing else
         self.stealing: set[tuple[int, int]] = set()  # jobs asked back, not yet answered
+        self.cancelling: set[tuple[int, int]] = set()  # jobs a cancel was asked for
         self.out_cancel: list[list] = []
         lane = info.get("lane")
         self.lane = lane if is_endpoint(lane) else None
@@ -363,7 +365,8 @@ class Scheduler:
         the lane jobs it ran (their clients have their results already): counted only.
         """
         if not isinstance(started, list) or not isinstance(done, list) or \
-                not isinstance(busy, (int, float)) or not isinstance(lane, (list, tuple)):
+                not isinstance(busy, (int, float)) or not isinstance(lane, (list, tuple)) \
+                or not math.isfinite(busy):
             raise ProtocolError("RESULTS needs lists and a number")
         self._count_lane(worker, [_key(e) for e in lane])
         done = [_done_entry(d) for d in done]
@@ -387,6 +390,7 @@ class Scheduler:
             payload = frames[pos:pos + n]
             pos += n
             worker.stealing.discard((cid, seq))
+            worker.cancelling.discard((cid, seq))
             if not worker.assigned:
                 self._went_idle = True
             if job is None:
@@ -412,14 +416,20 @@ class Scheduler:
         worker.lane_job_client = self.by_cid[cid].name
         self._went_idle = True
 
-    def lane_result(self, cid: int, seq: int, status: int, n: int, frames: list) -> None:
-        """A lane job's large result, sent through us: pass it on like any result."""
+    def lane_result(self, worker: Worker, cid: int, seq: int, status: int, n: int,
+                    frames: list) -> None:
+        """A lane job's large result, sent through us: pass it on like any result, if it
+        comes from the worker whose lane that client was given (no other worker can have
+        run that client's lane jobs; if the lane was taken back, the client resends)."""
         if not all(isinstance(x, int) for x in (cid, seq, status)):
             raise ProtocolError("LANE_RESULT needs a client id, a job number and a status")
         if n != len(frames):
             raise ProtocolError("LANE_RESULT frame count does not match its header")
         client = self.by_cid.get(cid)
-        if client is None:
+        if client is None or client.lane is not worker:
+            if client is not None:
+                log.warning("dropped a lane result from worker %s for client %s, whose "
+                            "lane it does not hold", worker.name, client.name)
             self.discarded += 1
             return
         client.out_done.append([seq, status, len(frames)])
@@ -471,13 +481,17 @@ class Scheduler:
             self.send(client.ident, [P.pack(P.LANE, worker.lane, client.cid)])
 
     def cancelled(self, worker: Worker, entries: list) -> None:
-        """A worker answered cancel requests: ok means it dropped the job unstarted."""
+        """A worker answered cancel requests: ok means it dropped the job unstarted.
+        Answers nobody asked for are ignored (they would drop a client's job unsettled)."""
         for entry in entries:
             cid, seq, ok = entry
             if (cid, seq) in worker.stealing:
                 self._stolen(worker, (cid, seq), bool(ok))
                 continue
             job = worker.assigned.get((cid, seq))
+            if (cid, seq) not in worker.cancelling:
+                continue
+            worker.cancelling.discard((cid, seq))
             if job is None:
                 continue
             if ok:  # dropped unstarted: the worker no longer holds it, whoever asked
@@ -515,9 +529,11 @@ class Scheduler:
         # answer is exact (a job it already started stays), so even the oldest may be asked
         for job in waiting[0 if victim.lane_job else len(waiting) // 2:]:
             victim.stealing.add((job.client.cid, job.seq))
-            self._ask_cancel(victim, job.client.cid, job.seq)
+            self._ask_cancel(victim, job.client.cid, job.seq, steal=True)
 
-    def _ask_cancel(self, worker: Worker, cid: int, seq: int) -> None:
+    def _ask_cancel(self, worker: Worker, cid: int, seq: int, steal: bool = False) -> None:
+        if not steal:
+            worker.cancelling.add((cid, seq))
         worker.out_cancel.append([cid, seq])
         self._cancelling[worker.ident] = worker
 

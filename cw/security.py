@@ -1,45 +1,69 @@
 """CurveZMQ keys and connection files: only peers holding the master's keys get in.
 
     master start                                  client / worker (same user)
-      keys = keys left by a killed master on       keys_for(host, port): scan the
-             this address, else new ones          connection files under $CW_HOME for
-      write $CW_HOME/masters/<host>-<port>.json   this port (and host), read the keys
-            (mode 0600: address + keys)    --->    DEALER: curve_serverkey + client keys
+      keys = those a killed master left in         route_for(host, port, role): scan the
+             $CW_HOME/secrets/ for this address     connection files of its role for this
+             (new ones if any file was readable     port (and host), refuse one others can
+             by others), else new ones              read, use its keys; none: NoKeys, never
+      write masters/<host>-<port>.json  ------>     plain TCP (unless told insecure=True,
+            (clients: server public key +           and then only to a loopback master)
+             the clients' key pair)
+            workers/<host>-<port>.json  ------>   DEALER: curve_serverkey + its role's keys
+            (workers: ... the workers' pair)        |
+            secrets/<host>-<port>.json (only the    |
+             master reads it: its secret key)       |
       ROUTER: curve_server                          |
       ZAP (zmq.auth thread): allow only the  <------' handshake; a peer without the keys
-            cluster's client public key                 is refused before any of its bytes
-      monitor: log refused handshakes                   reach a decoder
+            clients' and the workers' public          is refused before any of its bytes
+            keys; User-Id = the key, so HELLO         reach a decoder
+            can check the role it claims
+      monitor: log refused handshakes
 
-The keys live in files only the user can read, on the (usually shared) home directory, so
-every process of that user on the cluster can join and nobody else can. ``route_for``
-prefers the master's private Unix socket when it runs on this machine (see ``cw.local``).
-``--insecure`` runs plain TCP for experiments on loopback, with a warning.
+Every file is 0600 in folders of mode 0700, on the (usually shared) home directory, so every
+process of that user on the cluster can join and nobody else can. A client file lets its
+holder be a client, not a worker, and never lets it pose as the master. ``route_for``
+prefers the master's private Unix socket when it runs on this machine (see ``cw.local``);
+there any process of the user is trusted in any role. ``--insecure`` runs plain TCP for
+experiments on loopback, with a warning.
 """
 from __future__ import annotations
 
 import logging
 import socket
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from . import address, local
+from .errors import NoKeys, SecurityError
 
-KEY_FIELDS = ("server_public", "server_secret", "client_public", "client_secret")
+ROLE_KEYS = {"client": ("client_public", "client_secret"),
+             "worker": ("worker_public", "worker_secret")}
+KEY_FIELDS = ("server_public", "server_secret", "client_public", "client_secret",
+              "worker_public", "worker_secret")
+PEER_FIELDS = {role: ("server_public", *pair) for role, pair in ROLE_KEYS.items()}
+FOLDERS = {"client": "masters", "worker": "workers"}
+KEY_ROLE = {"supervisor": "worker"}  # roles that hold another role's keys (a node's
+#                                      supervisor reports its workers' deaths)
 
 
 def new_keys() -> dict:
-    """A fresh server key pair and a fresh shared client key pair (z85 text)."""
-    server_public, server_secret = zmq.curve_keypair()
-    client_public, client_secret = zmq.curve_keypair()
-    return {"server_public": server_public.decode(), "server_secret": server_secret.decode(),
-            "client_public": client_public.decode(), "client_secret": client_secret.decode()}
+    """A fresh server key pair, a clients' and a workers' key pair (z85 text)."""
+    keys = {}
+    for name in ("server", "client", "worker"):
+        public, secret = zmq.curve_keypair()
+        keys[f"{name}_public"], keys[f"{name}_secret"] = public.decode(), secret.decode()
+    return keys
 
 
-def has_keys(info: Optional[dict]) -> bool:
-    return bool(info) and all(isinstance(info.get(k), str) for k in KEY_FIELDS)
+def has_keys(info: Optional[dict], fields=KEY_FIELDS) -> bool:
+    return bool(info) and all(isinstance(info.get(k), str) for k in fields)
+
+
+def peer_keys(keys: dict, role: str) -> dict:
+    """What a ``role`` ("client" or "worker") connection file holds of the master's keys."""
+    return {k: keys[k] for k in PEER_FIELDS[role]}
 
 
 def secure_server(sock: zmq.Socket, keys: dict) -> None:
@@ -50,35 +74,50 @@ def secure_server(sock: zmq.Socket, keys: dict) -> None:
 
 
 def secure_client(sock: zmq.Socket, keys: Optional[dict]) -> None:
-    """Give a connecting socket the cluster's client keys (call before connect)."""
+    """Give a connecting socket its role's keys (call before connect; None: plain)."""
     if keys is None:
         return
+    public, secret = next(pair for pair in ROLE_KEYS.values() if pair[0] in keys)
     sock.setsockopt(zmq.CURVE_SERVERKEY, keys["server_public"].encode())
-    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys["client_public"].encode())
-    sock.setsockopt(zmq.CURVE_SECRETKEY, keys["client_secret"].encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, keys[public].encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, keys[secret].encode())
 
 
 class _OnlyOurClients:
-    """ZAP credentials provider: the one client public key of this cluster."""
+    """ZAP credentials provider: the clients' and the workers' public keys of this master."""
 
-    def __init__(self, client_public: str, log: logging.Logger):
-        self.client_public = client_public.encode()
+    def __init__(self, keys: dict, log: logging.Logger):
+        self.allowed = {keys[pair[0]].encode() for pair in ROLE_KEYS.values()}
         self.log = log
 
     def callback(self, domain: str, key: bytes) -> bool:
-        if key == self.client_public:
+        if key in self.allowed:
             return True
         self.log.warning("refused a peer with an unknown CURVE key %s", key[:8].decode())
         return False
 
 
 def start_authenticator(ctx: zmq.Context, keys: dict, log: logging.Logger) -> ThreadAuthenticator:
-    """Run the ZAP handler that admits only holders of the cluster's client key."""
+    """Run the ZAP handler that admits only holders of a client or a worker key."""
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("cw.master.zap"))
     auth.start()
-    auth.configure_curve_callback(domain="cw", credentials_provider=_OnlyOurClients(
-        keys["client_public"], log))
+    auth.configure_curve_callback(domain="cw", credentials_provider=_OnlyOurClients(keys, log))
     return auth
+
+
+def role_of(frame: zmq.Frame, keys: Optional[dict]) -> Optional[str]:
+    """The role whose key the sender of ``frame`` presented (ZAP's User-Id is the z85
+    public key); None if it came in without CURVE (the local socket, --insecure)."""
+    if keys is None:
+        return None
+    try:
+        user = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    for role, (public, _) in ROLE_KEYS.items():
+        if user == keys[public]:
+            return role
+    return "?"
 
 
 HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -101,54 +140,110 @@ class Route(NamedTuple):
     known: bool  # a connection file for this master was found
 
 
-def route_for(host: str, port: int, allow_local: bool = True) -> Route:
-    """The local socket if the master offers one this process can use, else TCP with keys."""
-    info = connection_info(host, port)
+def route_for(host: str, port: int, allow_local: bool = True, role: str = "client",
+              insecure: bool = False) -> Route:
+    """The local socket if the master offers one this process can use, else TCP with the
+    keys of ``role`` ("client", also for status, or "worker").
+
+    Raise NoKeys if this user has no connection file with those keys (plain TCP only with
+    ``insecure``, to a loopback master), SecurityError if the file is readable by others.
+    """
+    role = KEY_ROLE.get(role, role)
+    if insecure and not is_loopback(host):
+        raise SecurityError(f"insecure: plain TCP only reaches a master on loopback, not "
+                            f"{host}:{port} (anyone on the way could run code as you)")
+    info = connection_info(host, port, role)
     local_endpoint = local.usable(info.get("local")) if info and allow_local else None
     if local_endpoint:
         return Route(local_endpoint, None, True)
-    return Route(f"tcp://{host}:{port}", _keys(info), info is not None)
+    keys = _keys(info, role)
+    if keys is None and not insecure:
+        raise _no_keys(host, port, role, info)
+    if keys is None:
+        logging.getLogger(f"cw.{role}").warning(
+            "talking to %s:%d over plain TCP without keys (insecure): any local user "
+            "listening there could run code as you", host, port)
+    return Route(f"tcp://{host}:{port}", keys, info is not None)
 
 
-def keys_for(host: str, port: int) -> Optional[dict]:
-    """The keys of the master at ``host:port``, from the user's connection files, if any."""
-    return _keys(connection_info(host, port))
+def keys_for(host: str, port: int, role: str = "client") -> Optional[dict]:
+    """The ``role`` keys of the master at ``host:port``, from this user's connection files."""
+    return _keys(connection_info(host, port, role), role)
 
 
-def _keys(info: Optional[dict]) -> Optional[dict]:
-    return {k: info[k] for k in KEY_FIELDS} if has_keys(info) else None
+def _keys(info: Optional[dict], role: str) -> Optional[dict]:
+    fields = PEER_FIELDS[role]
+    return {k: info[k] for k in fields} if has_keys(info, fields) else None
 
 
-def connection_info(host: str, port: int) -> Optional[dict]:
-    """The connection file of the master at ``host:port`` that this user can see, if any.
+def _no_keys(host: str, port: int, role: str, info: Optional[dict]) -> NoKeys:
+    path = address.master_connection_file(host, port, FOLDERS[role])
+    if info is not None and info.get("insecure"):
+        why = (f"the master at {host}:{port} runs --insecure (no keys): pass insecure=True "
+               f"(--insecure) to talk plain TCP to it on loopback")
+    else:
+        why = (f"no {role} connection file for the master at {host}:{port}: looked for "
+               f"{path} (or any file in {path.parent} for port {port}). Point this process "
+               f"where the master wrote its files (set CW_HOME to the master's, which "
+               f"defaults to ~/.cw), or name the right master (host=/port=, CW_MASTER). cw "
+               f"never talks to a master whose keys it does not have")
+    return NoKeys(why, str(path))
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
+
+
+def connection_info(host: str, port: int, role: str = "client") -> Optional[dict]:
+    """The ``role`` connection file of the master at ``host:port`` this user can see.
 
     Files for the same port are candidates; one whose recorded host is ``host``, or
     resolves to the same address, wins; else the only candidate. None if there is none
-    (a master whose files this machine cannot see).
+    (a master whose files this machine cannot see). A candidate that others can read
+    raises SecurityError (see ``address.check_private``).
     """
     home = address.cw_home()
-    candidates = [address.default_connection_file(), *sorted((home / "masters").glob("*.json"))]
+    extra = [address.default_connection_file()] if role == "client" else []
+    candidates = [*extra, *sorted((home / FOLDERS[role]).glob("*.json"))]
     matches = []
     for path in candidates:
         info = address.read_connection_file(path)
-        if info and int(info.get("port", -1)) == int(port):
+        if info and _port(info) == int(port):
+            if has_keys(info, PEER_FIELDS[role]):
+                address.check_private(path)
             matches.append(info)
     for info in matches:
-        if _same_host(info["host"], host):
+        if _same_host(str(info["host"]), host):
             return info
     return matches[0] if len(matches) == 1 else None
 
 
-def master_keys(path: Path) -> dict:
-    """Keys for a master about to write ``path``: those a killed master left, else new.
+def _port(info: dict) -> int:
+    try:
+        return int(info.get("port", -1))
+    except (TypeError, ValueError):
+        return -1
 
-    Reusing them lets clients and workers that hold the old file reconnect to a master
-    restarted on the same address.
+
+def master_keys(host: str, port: int) -> tuple[dict, str]:
+    """Keys for a master about to write its files: those a killed master left, else new;
+    with a reason for the log.
+
+    Reusing them lets clients and workers that hold the old files reconnect to a master
+    restarted on the same address. Keys that may have leaked (a file of the address
+    readable or writable by others) are rotated.
     """
-    info = address.read_connection_file(path)
-    if has_keys(info):
-        return {k: info[k] for k in KEY_FIELDS}
-    return new_keys()
+    secret = address.master_connection_file(host, port, "secrets")
+    info = address.read_connection_file(secret)
+    if not has_keys(info):
+        return new_keys(), "new keys"
+    paths = [secret, *(address.master_connection_file(host, port, f)
+                       for f in FOLDERS.values())]
+    leaky = [str(p) for p in paths if address.exposed(p)]
+    if leaky:
+        return new_keys(), f"new keys: the old ones may have leaked ({', '.join(leaky)} " \
+                           f"readable by others)"
+    return {k: info[k] for k in KEY_FIELDS}, f"the keys of {secret}"
 
 
 def _same_host(a: str, b: str) -> bool:

@@ -35,6 +35,7 @@ import pickle
 import sys
 import threading
 from collections import OrderedDict, deque
+from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Optional
 
 import msgpack
@@ -72,7 +73,7 @@ class Session:
                  on_started: Callable[[Any], None],
                  on_done: Callable[[Any, Optional[BaseException], Any], None],
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
         self.on_started = on_started
         self.on_done = on_done
@@ -101,7 +102,7 @@ class Session:
         info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
         self.conn = Connection(self.host, self.port, "client", info, self._on_message,
                                on_welcome=self._on_welcome, on_silence=self._on_silence,
-                               logger=log, on_begin=self._open_inbox)
+                               logger=log, on_begin=self._open_inbox, insecure=insecure)
         self.conn.start(connect_timeout)
         self.alias = Alias(self.conn)  # a lone job leaves from the submitting thread
 
@@ -217,7 +218,9 @@ class Session:
             self.conn.call(self.conn.send, [P.pack(P.CANCEL, list(asked))])
             for seq, waiter in asked.items():
                 waiter[0].wait(timeout)
-                answers[seq] = waiter[1]
+                with self.lock:
+                    answers[seq] = waiter[1]
+                    waiter[0].set()  # from now on a late answer settles the job itself
         return answers
 
     def close(self) -> None:
@@ -404,15 +407,28 @@ class Session:
                 self._flush()
 
     def _cancelled(self, answers: list) -> None:
+        """Answers to our CANCELs; one we never asked for is ignored (it would drop a job
+        whose future then never settles). A job cancelled after its asker stopped waiting
+        is settled with CancelledError."""
+        late = []
         for seq, ok in answers:
             with self.lock:
-                job = self.jobs.pop(seq, None) if ok else None
+                waiter = self.cancels.pop(seq, None)
+                job = self.jobs.pop(seq, None) if ok and waiter is not None else None
                 if job is not None:
                     self._settled(job)
-                waiter = self.cancels.pop(seq, None)
-            if waiter is not None:
-                waiter[1] = bool(ok)
-                waiter[0].set()
+                if waiter is not None:
+                    waiter[1] = bool(ok)
+                    if waiter[0].is_set() and job is not None:  # the asker gave up waiting
+                        late.append(job)
+                    waiter[0].set()
+            if waiter is None:
+                log.warning("ignored a cancel answer for job %r that we did not ask for", seq)
+        if late:
+            with self.delivering:
+                for job in late:
+                    self._call(self.on_done, job.token,
+                               CancelledError(f"job {job.seq} was cancelled"), None)
         self._admit_and_flush()
 
     def _on_welcome(self, restarted: bool) -> None:

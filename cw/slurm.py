@@ -177,8 +177,8 @@ def _exports() -> dict:
 
 def _sbatch(name: str, script: str, options: Sequence[str]) -> str:
     """Submit ``script`` as job ``name``; return its id. Output goes to $CW_HOME/logs."""
-    logs = address.cw_home() / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = address.private_mkdir(address.cw_home() / "logs")  # 0700: the logs inside are
+    # the job's umask (kept for the user's own files), so the folder keeps them private
     argv = ["sbatch", "--parsable", f"--job-name={name}", f"--output={logs}/{name}-%j.log",
             *options]
     proc = _run(argv, input=script)

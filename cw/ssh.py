@@ -134,9 +134,11 @@ if check.returncode:
     sys.exit(0)
 home = os.path.expanduser(env.get("CW_HOME") or "~/.cw")
 logs = os.path.join(home, "ssh-logs")
-os.makedirs(logs, exist_ok=True)
+umask = os.umask(0o077)  # a private folder and log (a job's output may hold secrets)
+os.makedirs(logs, mode=0o700, exist_ok=True)
 log = os.path.join(logs, "worker-%s-%d.log" % (socket.gethostname(), time.time_ns()))
 with open(log, "ab") as out, open(os.devnull, "rb") as null:
+    os.umask(umask)  # the worker's jobs keep the user's own
     p = subprocess.Popen([sys.executable, "-m", "cw.worker"] + a["argv"], stdin=null,
                          stdout=out, stderr=out, cwd=a["cwd"] or None, env=env,
                          start_new_session=True)

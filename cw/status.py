@@ -20,19 +20,21 @@ import zmq
 
 from . import address, security
 from . import protocol as P
-from .errors import MasterUnreachable
+from .errors import MasterUnreachable, SecurityError
 
 
 def status(host: Optional[str] = None, port: Optional[int] = None,
-           timeout: float = 5.0) -> dict:
-    """Ask the master for its state; raise MasterUnreachable if it does not answer in time."""
+           timeout: float = 5.0, insecure: bool = False) -> dict:
+    """Ask the master for its state; raise MasterUnreachable if it does not answer in time
+    (NoKeys, at once, if this user has no connection file with its keys; ``insecure``
+    allows plain TCP to a loopback master started with --insecure)."""
     host, port = address.resolve(host, port)
+    route = security.route_for(host, port, insecure=insecure)
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, b"status-" + uuid.uuid4().bytes)
     try:
-        route = security.route_for(host, port)
         security.secure_client(sock, route.keys)
         sock.connect(route.endpoint)
         sock.send(P.pack(P.STATUS))
@@ -73,10 +75,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument("--insecure", action="store_true",
+                        help="plain TCP to a loopback master started with --insecure")
     args = parser.parse_args(argv)
     try:
-        info = status(args.host, args.port, args.timeout)
-    except MasterUnreachable as exc:
+        info = status(args.host, args.port, args.timeout, args.insecure)
+    except (MasterUnreachable, SecurityError) as exc:
         print(f"cw-status: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(info, indent=1) if args.json else format_table(info))

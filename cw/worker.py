@@ -48,7 +48,8 @@ from tornado.ioloop import PeriodicCallback
 from . import address, cli, lane
 from . import protocol as P
 from . import serialize
-from .errors import CwError, JobTimeout, MasterUnreachable, ProtocolError
+from .errors import (CwError, JobTimeout, MasterUnreachable, NoKeys, ProtocolError,
+                     SecurityError)
 from .peer import Alias, Connection, check_size, peer_info
 
 log = logging.getLogger("cw.worker")
@@ -91,7 +92,7 @@ class Worker:
 
     def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
                  slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
-                 link: Optional["SupervisorLink"] = None):
+                 link: Optional["SupervisorLink"] = None, insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
         self.link = link  # to our supervisor (None: run by hand)
         self.slots = slots
@@ -132,7 +133,7 @@ class Worker:
         info = peer_info(slots=slots, supervisor=os.getppid() if link else None)
         self.conn = Connection(self.host, self.port, "worker", info,
                                self._on_message, on_welcome=self._on_welcome, logger=log,
-                               on_begin=self._open_lane)
+                               on_begin=self._open_lane, insecure=insecure)
 
     # ---------------------------------------------------------------- main thread
     def run(self, connect_timeout: Optional[float] = None) -> None:
@@ -577,10 +578,11 @@ def run_child(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGUSR1, time_up)
-    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory, link)
+    worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory, link,
+                    args.insecure)
     try:
         worker.run(args.connect_timeout or None)
-    except (ProtocolError, MasterUnreachable) as exc:
+    except (ProtocolError, MasterUnreachable, SecurityError) as exc:
         log.error("%s", exc)
         note = NOTE_REFUSED
     except WorkerShutdown:
@@ -601,7 +603,7 @@ class Supervisor:
     """
 
     def __init__(self, argv: list[str], n: int, host: Optional[str] = None,
-                 port: Optional[int] = None):
+                 port: Optional[int] = None, insecure: bool = False):
         self.argv = argv
         self.n = n
         self.children: dict[int, subprocess.Popen] = {}
@@ -611,7 +613,8 @@ class Supervisor:
         self.quick_deaths = 0
         host, port = address.resolve(host, port)
         self.conn = Connection(host, port, "supervisor", peer_info(), self._on_message,
-                               logger=log)
+                               logger=log, insecure=insecure)
+        self.reporting = False  # our connection is open (once the master's keys are here)
 
     def spawn(self) -> None:
         ours, theirs = socket.socketpair()
@@ -628,9 +631,9 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
-        self.conn.open()  # registers in the background; DIED waits behind its HELLO
         for _ in range(self.n):
             self.spawn()
+        self._report_deaths()
         log.info("supervisor %d started %d workers: %s", os.getpid(), self.n,
                  " ".join(map(str, self.children)))
         while self.children:
@@ -641,8 +644,20 @@ class Supervisor:
             except InterruptedError:
                 continue
             self._reap(pid, status)
-        self.conn.close()
+        if self.reporting:
+            self.conn.close()
         return 0
+
+    def _report_deaths(self) -> bool:
+        """Open our connection to the master if its keys are here (it registers in the
+        background; a DIED waits behind its HELLO). Until then deaths wait for heartbeats."""
+        if not self.reporting:
+            try:
+                self.conn.open(keys_timeout=0)
+                self.reporting = True
+            except NoKeys:
+                log.info("no keys of the master yet: deaths are reported once they appear")
+        return self.reporting
 
     def _on_message(self, kind: int, header: list, frames: list) -> None:
         log.warning("dropped a message of unexpected kind %s from the master", kind)
@@ -677,7 +692,8 @@ class Supervisor:
             log.info("worker %d recycled; starting a fresh one", pid)
             return self.spawn()
         # a crash, whatever the exit code: the master charges the job it ran at once
-        self.conn.call(self.conn.send, [P.pack(P.DIED, pid, proc.returncode, lived)])
+        if self._report_deaths():
+            self.conn.call(self.conn.send, [P.pack(P.DIED, pid, proc.returncode, lived)])
         self.quick_deaths = self.quick_deaths + 1 if lived < 1.0 else 0
         delay = min(30.0, 0.1 * 2 ** self.quick_deaths) if self.quick_deaths > 2 else 0.0
         log.warning("worker %d died (%s) after %.1f s; starting a new one%s", pid,
@@ -731,7 +747,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       "many MB (0: never)")
     cli.add_flag(parser, "--connect-timeout", default=0.0, cast=float,
                  help="give up if no master answers within this many seconds; 0 waits "
-                      "for ever")
+                      "for ever (also for its connection file: a worker never dials a "
+                      "master without its keys)")
+    cli.add_flag(parser, "--insecure", default=False, action="store_true",
+                 help="if no connection file has the master's keys, talk plain TCP to it "
+                      "(a loopback master started with --insecure only)")
     cli.add_logging_flags(parser)
     parser.add_argument("--slurm", action="store_true",
                         help="find the master through SLURM: $CW_HOME/default.json, else the "
@@ -750,7 +770,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
                         ("--log-level", args.log_level), ("--log-file", args.log_file)):
         if value is not None:
             argv += [flag, str(value)]
-    return argv
+    return argv + ["--insecure"] * args.insecure
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -764,7 +784,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.slurm and not args.host:
         from . import slurm
         args.host, args.port = slurm.find_master(args.connect_timeout or 300.0)
-    sys.exit(Supervisor(child_argv(args), max(1, args.processes), args.host, args.port).run())
+    sys.exit(Supervisor(child_argv(args), max(1, args.processes), args.host, args.port,
+                        args.insecure).run())
 
 
 if __name__ == "__main__":

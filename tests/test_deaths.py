@@ -180,11 +180,11 @@ def test_a_hung_node_is_still_caught_by_heartbeats(procs, master, tmp_path):
 
 
 def raw_supervisor(master) -> zmq.Socket:
-    """A DEALER with the cluster's keys, registered as a supervisor on this host."""
+    """A DEALER with the workers' keys, registered as a supervisor on this host."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
-    security.secure_client(sock, security.keys_for(master.host, master.port))
+    security.secure_client(sock, security.keys_for(master.host, master.port, "worker"))
     sock.connect(f"tcp://{master.host}:{master.port}")
     sock.send(P.pack(P.HELLO, P.VERSION, "supervisor", {"name": "raw", "host": "nowhere"}))
     assert sock.poll(10_000) and P.unpack(sock.recv())[0] == P.WELCOME

@@ -1,13 +1,21 @@
 """Malformed input from authenticated peers: the master logs, survives and keeps routing.
 
-A raw DEALER socket holding the cluster's keys says a valid HELLO (as a client, or as a
-worker that says BYE before the check), then sends what hypothesis draws: invalid msgpack,
-truncated headers, wrong types, huge ints, unknown kinds, wrong frame counts, well-shaped
-SUBMITs with garbage payloads. After every example a well-behaved client's job must come
-back with the right value and the master process must still be running.
+A raw DEALER socket holding its role's keys says a valid HELLO (as a client, or as a worker
+that says BYE before the check), or none (a stranger), then sends what hypothesis draws:
+invalid msgpack, truncated headers, wrong types, huge ints, every message kind of
+cw.protocol (the lane's too), wrong frame counts, well-shaped SUBMITs with garbage payloads.
+After every example a well-behaved client's job must come back with the right value, the
+master process must still be running and its status must still turn into JSON. HELLOs with
+fields of any type, each from a new peer, must leave ``/status.json`` and
+``python -m cw.status --json`` working.
 """
 from __future__ import annotations
 
+import json
+import re
+import subprocess
+import sys
+import urllib.request
 import uuid
 
 import pytest
@@ -28,8 +36,11 @@ FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None
                                        HealthCheck.too_slow])
 
 # ---------------------------------------------------------------- strategies
-KINDS = [P.HELLO, P.WELCOME, P.REFUSE, P.WHO, P.HEARTBEAT, P.SUBMIT, P.CANCEL, P.CANCELLED,
-         P.JOBS, P.RESULTS, P.FORGET, P.STATUS, P.STATUS_REPLY]
+KINDS = [P.HELLO, P.WELCOME, P.REFUSE, P.WHO, P.HEARTBEAT, P.BYE, P.SUBMIT, P.CANCEL,
+         P.CANCELLED, P.JOBS, P.RESULTS, P.FORGET, P.LANE, P.LANE_LOST, P.LANE_BUSY,
+         P.LANE_REFUSED, P.LANE_RESULT, P.LJOB, P.LRESULT, P.LSTARTED, P.BOUNCE, P.STATUS,
+         P.STATUS_REPLY, P.DIED]
+NOT_KINDS = {"VERSION", "DEFAULT_PORT", "OK", "ERROR", "FAILED", "MAX_PATH_ENTRY"}
 huge_ints = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1),
                       st.sampled_from([0, -1, 2 ** 31, 2 ** 63 - 1, 2 ** 64 - 1, -2 ** 63]))
 scalars = st.one_of(st.none(), st.booleans(), huge_ints, st.floats(), st.text(max_size=20),
@@ -80,8 +91,21 @@ client_messages = st.one_of(
     header_then(st.tuples(st.just(P.HELLO), values, values, values).map(list)),
     st.just([]),                                                          # no frames at all
 )
+lane_messages = st.one_of(
+    header_then(st.tuples(st.just(P.LANE_BUSY), values, values).map(list)),
+    header_then(st.tuples(st.just(P.LANE_BUSY), huge_ints, huge_ints).map(list)),
+    header_then(st.tuples(st.just(P.LANE_REFUSED), values).map(list)),
+    header_then(st.tuples(st.just(P.LANE_REFUSED), huge_ints).map(list)),
+    header_then(st.tuples(st.just(P.LANE_RESULT), values, values, values, values).map(list)),
+    header_then(st.tuples(st.just(P.LANE_RESULT), huge_ints, huge_ints, st.integers(0, 2),
+                          st.integers(-1, 4)).map(list)),
+    header_then(st.tuples(st.sampled_from([P.LANE, P.LANE_LOST, P.LJOB, P.LRESULT,
+                                           P.LSTARTED, P.BOUNCE]),
+                          st.lists(values, max_size=6)).map(lambda t: [t[0], *t[1]])),
+)
 worker_messages = st.one_of(
     client_messages,
+    lane_messages,
     header_then(st.tuples(st.just(P.RESULTS), st.lists(st.lists(values, max_size=3),
                                                        max_size=4),
                           st.lists(st.lists(values, max_size=5), max_size=4)).map(list)),
@@ -92,6 +116,33 @@ worker_messages = st.one_of(
                 .map(list)),
     header_then(st.tuples(st.just(P.CANCELLED), st.lists(st.lists(values, max_size=4),
                                                          max_size=4)).map(list)),
+    header_then(st.tuples(st.just(P.CANCELLED), st.lists(st.tuples(
+        huge_ints, huge_ints, st.booleans()).map(list), max_size=4)).map(list)),
+    header_then(st.tuples(st.just(P.RESULTS), st.lists(values, max_size=3),
+                          st.lists(values, max_size=3), values, values).map(list)),
+)
+stranger_messages = st.one_of(client_messages, lane_messages)
+supervisor_messages = st.one_of(
+    worker_messages,
+    header_then(st.tuples(st.just(P.DIED), huge_ints, huge_ints, st.one_of(st.floats(),
+                                                                           values)).map(list)),
+    header_then(st.tuples(st.just(P.DIED), st.lists(values, max_size=4))
+                .map(lambda t: [t[0], *t[1]])),
+)
+MESSAGES = {"client": client_messages, "worker": worker_messages,
+            "stranger": stranger_messages, "supervisor": supervisor_messages}
+# what a HELLO's info may say: every known field with any value, or with its own type
+typed = {"name": st.text(max_size=300), "host": st.text(max_size=300), "pid": huge_ints,
+         "python": st.text(max_size=70), "machine": st.text(max_size=20),
+         "alias": st.binary(max_size=70), "slots": huge_ints, "lane": st.text(max_size=50),
+         "inbox": st.booleans(), "cwd": st.text(max_size=50),
+         "path": st.lists(st.one_of(st.text(max_size=10), values), max_size=4)}
+infos = st.one_of(
+    values,
+    st.fixed_dictionaries({}, optional={name: values for name in P.HELLO_FIELDS}),
+    st.fixed_dictionaries({}, optional={name: st.one_of(typed[name], values)
+                                        for name in P.HELLO_FIELDS}),
+    st.fixed_dictionaries({}, optional=typed),
 )
 
 
@@ -99,23 +150,27 @@ worker_messages = st.one_of(
 class Peer:
     """A raw DEALER with the cluster's keys, speaking as ``role``."""
 
-    def __init__(self, master, role: str):
+    def __init__(self, master, role: str, keys_of: str = ""):
         self.role = role
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.IDENTITY, uuid.uuid4().bytes)
-        security.secure_client(self.sock, security.keys_for(master.host, master.port))
+        keys_of = keys_of or ("worker" if role in ("worker", "supervisor") else "client")
+        security.secure_client(self.sock, security.keys_for(master.host, master.port, keys_of))
         self.sock.connect(f"tcp://{master.host}:{master.port}")
 
-    def hello(self) -> None:
-        """Say a valid HELLO and wait for the WELCOME (dropping whatever else came)."""
+    def hello(self, info=None) -> int:
+        """Say HELLO and wait for the WELCOME or REFUSE (dropping whatever else came)."""
+        if self.role == "stranger":
+            return P.WHO
         self.sock.send(P.pack(P.HELLO, P.VERSION, self.role,
-                              {"name": f"fuzz-{self.role}", "slots": 1}))
+                              {"name": f"fuzz-{self.role}", "slots": 1} if info is None
+                              else info))
         while True:
-            assert self.sock.poll(10_000), "the master did not welcome the fuzzing peer"
+            assert self.sock.poll(10_000), "the master did not answer the fuzzing peer"
             header = P.unpack(self.sock.recv_multipart()[0])
-            if header[0] == P.WELCOME:
-                return
+            if header[0] in (P.WELCOME, P.REFUSE):
+                return header[0]
 
     def send(self, frames: list) -> None:
         if frames:
@@ -128,14 +183,21 @@ class Peer:
 def check_alive(master, ex, n: int) -> None:
     assert master.popen.poll() is None, master.stderr()[-2000:]
     assert ex.submit(pow, n, 2).result(timeout=15) == n * n
+    json.dumps(master.status())  # what `python -m cw.status --json` prints
+
+
+def test_the_fuzzers_know_every_message_kind():
+    kinds = {v for k, v in vars(P).items() if k.isupper() and isinstance(v, int)
+             and k not in NOT_KINDS}
+    assert kinds <= set(KINDS)
 
 
 # ---------------------------------------------------------------- tests
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("role", ["client", "worker"])
+@pytest.mark.parametrize("role", ["client", "worker", "supervisor", "stranger"])
 def test_fuzzed_messages_never_stop_the_master(cluster, role):
     peer = Peer(cluster, role)
-    messages = client_messages if role == "client" else worker_messages
+    messages = MESSAGES[role]
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         count = iter(range(10 ** 6))
 
@@ -156,7 +218,65 @@ def test_fuzzed_messages_never_stop_the_master(cluster, role):
             peer.close()
         check_alive(cluster, ex, -7)
         assert len(cluster.status()["workers"]) == 2
-    assert "dropped a bad message" in cluster.stderr()
+    assert "dropped a bad message" in cluster.stderr() or role == "stranger"
+
+
+def status_cli(master) -> dict:
+    out = subprocess.run([sys.executable, "-m", "cw.status", master.address, "--json"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("info", [{"pid": b"\x01\x02"}, {"name": 7}, {"host": [1]},
+                                  {"slots": "many"}, {"slots": 0}, {"path": [b"/x"]},
+                                  {"alias": "x"}, {"inbox": 1}, {"name": "x" * 10_000}])
+def test_a_hello_with_fields_of_the_wrong_type_is_refused(procs, info):
+    """A HELLO whose pid was bytes once made /status.json answer 500 and
+    `python -m cw.status --json` crash."""
+    master = procs.master("--dashboard", "0")
+    url = wait_for(lambda: (m := re.search(r"dashboard on (http://\S+)", master.stderr()))
+                   and m.group(1), 10, "the dashboard")
+    for role in ("client", "worker"):
+        peer = Peer(master, role)
+        assert peer.hello({"name": "odd", **info}) == P.REFUSE
+        peer.close()
+    assert status_cli(master)["clients"] == []
+    with urllib.request.urlopen(url + "status.json", timeout=10) as reply:
+        assert reply.status == 200
+
+
+@pytest.mark.timeout(120)
+def test_fuzzed_hellos_never_break_the_status(procs):
+    master = procs.master("--dashboard", "0")
+    procs.workers(master, 1)
+    url = wait_for(lambda: (m := re.search(r"dashboard on (http://\S+)", master.stderr()))
+                   and m.group(1), 10, "the dashboard") + "status.json"
+    with ClusterExecutor(master.host, master.port) as ex:
+        count = iter(range(10 ** 6))
+
+        @FUZZ
+        @given(role=st.sampled_from(["client", "worker"]), info=infos)
+        def run(role, info):
+            peer = Peer(master, role)
+            try:
+                if isinstance(info, dict):  # else it is dropped unanswered
+                    peer.hello(info)
+                else:
+                    peer.send([P.pack(P.HELLO, P.VERSION, role, info)])
+                with urllib.request.urlopen(url, timeout=10) as reply:  # while it is in
+                    assert reply.status == 200
+                    json.loads(reply.read())
+                json.dumps(master.status())
+                peer.send([P.pack(P.BYE)])  # a fuzzing worker must not be handed jobs
+                wait_for(lambda: len(master.status()["workers"]) == 1, 10, "the BYE")
+                check_alive(master, ex, next(count))
+            finally:
+                peer.close()
+
+        run()
+    status_cli(master)
 
 
 @pytest.mark.timeout(60)
