@@ -25,6 +25,10 @@ to arrive wins. Cancelling it answers False (it may run).
 
 A function object is pickled once per session (cached by identity) and its blob travels to
 the master once; jobs afterwards name it by digest. Results arriving twice are dropped by seq.
+The cache holds a function only weakly: once the caller lets go of it (a bound method, a
+partial) and its jobs are settled, nothing here keeps it or what it references alive. A
+function that cannot be weakly referenced is pickled again on each submit (same digest, so it
+still travels once).
 """
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ import os
 import pickle
 import sys
 import threading
+import time
+import weakref
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Optional
 
@@ -85,8 +91,11 @@ class Session:
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
         self.inflight = 0                          # argument bytes sent and not settled
         self.flush_asked = False
-        # id(func) -> (func, digest, blob, name)
+        # id(func) -> (weakref to func, digest, blob, name); entries of collected functions
+        # are dropped from dead_functions (their weakref callbacks only append there)
         self.functions: OrderedDict[int, tuple] = OrderedDict()
+        self.dead_functions: deque[tuple[int, weakref.ref]] = deque()
+        self.functions_lock = threading.Lock()
         self.master_has: set[bytes] = set()       # digests sent (I/O thread only)
         self.cancels: dict[int, list] = {}        # seq -> [event, answer]
         self.seqs = itertools.count(1)
@@ -215,10 +224,29 @@ class Session:
                     self._ask_flush()
         if asked:
             self.conn.call(self.conn.send, [P.pack(P.CANCEL, list(asked))])
-            for seq, waiter in asked.items():
-                waiter[0].wait(timeout)
-                answers[seq] = waiter[1]
+            answers.update(_answers(asked, timeout))
         return answers
+
+    def cancel_queued(self, timeout: float = 10.0) -> dict[int, bool]:
+        """Cancel every job no worker holds yet (``shutdown(cancel_futures=True)``), as
+        ProcessPoolExecutor does: jobs beyond the byte window are dropped here; the rest are
+        sent, then the master feeds its idle workers and cancels what is still queued. A job
+        maps to True if it was cancelled; the others run (their outcomes follow)."""
+        with self.lock:
+            answers = {job.seq: True for job in self.held}
+            for job in self.held:
+                self._settled(self.jobs.pop(job.seq))
+            self.held.clear()
+            asked = {seq: self.cancels.setdefault(seq, [threading.Event(), False])
+                     for seq in self.jobs if seq not in self.on_lane}
+        if asked and not self.conn.in_io_thread():
+            self.conn.call(self._send_cancel_queued, list(asked))
+            answers.update(_answers(asked, timeout))
+        return answers
+
+    def _send_cancel_queued(self, seqs: list) -> None:
+        self._flush()  # what is unsent goes first, so the master can feed idle workers
+        self.conn.send([P.pack(P.CANCEL, seqs, True)])
 
     def close(self) -> None:
         """Leave the master; unsettled jobs are dropped there."""
@@ -230,16 +258,34 @@ class Session:
             self.conn.close()
 
     def _function(self, func: Callable) -> tuple[bytes, bytes, str]:
-        """``(digest, blob, name)`` of a function, pickled once while it stays cached."""
-        cached = self.functions.get(id(func))
-        if cached is not None and cached[0] is func:
-            self.functions.move_to_end(id(func))
-            return cached[1:]
+        """``(digest, blob, name)`` of a function, pickled once while it lives (and stays
+        among the FUNCTION_CACHE last used)."""
+        key = id(func)
+        with self.functions_lock:
+            self._forget_dead_functions()
+            cached = self.functions.get(key)
+            if cached is not None and cached[0]() is func:
+                self.functions.move_to_end(key)
+                return cached[1:]
         digest, blob = serialize.dumps_function(func)
-        entry = self.functions[id(func)] = (func, digest, blob, _name(func))
-        if len(self.functions) > FUNCTION_CACHE:
-            self.functions.popitem(last=False)
-        return entry[1:]
+        name = _name(func)
+        try:
+            ref = weakref.ref(func, _on_collected(self.dead_functions, key))
+        except TypeError:  # not weakly referenceable: never cached, so never kept alive
+            return digest, blob, name
+        with self.functions_lock:
+            self.functions[key] = (ref, digest, blob, name)
+            if len(self.functions) > FUNCTION_CACHE:
+                self.functions.popitem(last=False)
+        return digest, blob, name
+
+    def _forget_dead_functions(self) -> None:  # under functions_lock
+        """Drop the cache entries (and pickled blobs) of functions collected since."""
+        while self.dead_functions:
+            key, ref = self.dead_functions.popleft()
+            cached = self.functions.get(key)
+            if cached is not None and cached[0] is ref:
+                del self.functions[key]
 
     def _ask_flush(self) -> None:  # under lock
         if not self.flush_asked:
@@ -285,6 +331,9 @@ class Session:
                 self._deliver(started, done, frames)
             finally:
                 self.deliverer = None
+        if self.dead_functions:
+            with self.functions_lock:
+                self._forget_dead_functions()
         self._admit_and_flush()
 
     def _deliver(self, started: list, done: list, frames: list) -> None:
@@ -490,6 +539,20 @@ def rebuild_error(payload: list) -> BaseException:
     except AttributeError:  # an exception type with __slots__
         pass
     return exc
+
+
+def _answers(asked: dict[int, list], timeout: float) -> dict[int, bool]:
+    """Wait (``timeout`` seconds in all) for the master's cancel answers; False if none."""
+    deadline = time.monotonic() + timeout
+    for waiter in asked.values():
+        waiter[0].wait(max(0.0, deadline - time.monotonic()))
+    return {seq: waiter[1] for seq, waiter in asked.items()}
+
+
+def _on_collected(dead: deque, key: int) -> Callable[[weakref.ref], None]:
+    """A weakref callback that only notes the entry (it may run in any thread, inside any
+    allocation, so it takes no lock and touches no dict)."""
+    return lambda ref: dead.append((key, ref))
 
 
 def _name(func: Callable) -> str:
