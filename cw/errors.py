@@ -57,6 +57,10 @@ class MasterUnreachable(CwError, ConnectionError):
     """No master answered at the given address within the bounded wait."""
 
 
+class MasterNotFound(CwError, LookupError):
+    """Nothing says where this user's master runs (no connection file, no master job)."""
+
+
 class MasterLost(CwError, ConnectionError):
     """The master stopped answering and did not come back in time."""
 

@@ -9,6 +9,9 @@
                                                           call at a time (``delivering``)
     cancel(seqs): round trip through the master and the worker holding the job: True only
                   if the job was removed before it started, so it will never run
+    cancel_queued(): shutdown(cancel_futures=True): unsent jobs go first, then the master
+                  feeds idle workers and cancels only what is still queued (CANCEL with
+                  queued_only); what a worker holds runs, as in ProcessPoolExecutor
 
 Byte window: the master keeps what it is sent in memory until a worker takes it, so a client
 keeps at most ``window()`` bytes of arguments there (``WINDOW_PER_WORKER`` per connected

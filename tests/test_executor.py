@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import gc
+import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -345,11 +348,23 @@ def collected(ref: weakref.ref) -> bool:
     return ref() is None
 
 
+@pytest.fixture
+def private_runtime_dir(monkeypatch):
+    """A private $XDG_RUNTIME_DIR (short: socket paths are limited), so that the lane
+    works whatever state /tmp/cw-<uid> is in on a shared machine."""
+    path = tempfile.mkdtemp(prefix="cwrt")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def test_a_submitted_bound_methods_object_is_collected_and_shipped_once_per_worker(
-        cluster, tmp_path):
+        procs, private_runtime_dir, tmp_path):
     """The function cache holds functions weakly: a bound method's object is collectable
     once its futures are done and dropped, on the lane and through the master, while the
     function still reaches each worker once however many jobs use it."""
+    cluster = procs.master()
+    procs.workers(cluster, 2)
     trace = tmp_path / "unpickled"
     obj = Traced(str(trace))
     ref = weakref.ref(obj)
@@ -391,7 +406,8 @@ def test_shutdown_cancel_futures_lets_held_jobs_finish_like_process_pool(cluster
     ProcessPoolExecutor, the first few complete, the rest are cancelled, none is left."""
     outcomes = {}
     for name, make in (("cw", lambda: ClusterExecutor(cluster.host, cluster.port)),
-                       ("ProcessPool", lambda: cf.ProcessPoolExecutor(2))):
+                       ("ProcessPool", lambda: cf.ProcessPoolExecutor(
+                           2, mp_context=multiprocessing.get_context("spawn")))):
         ex = make()
         futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
         ex.shutdown(wait=True, cancel_futures=True)
