@@ -58,6 +58,7 @@ log = logging.getLogger("cw.client")
 
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
+DIGESTS_KEPT = 10_000          # digests remembered as sent; beyond, forgotten (sent again)
 WINDOW_PER_WORKER = 24 << 20   # argument bytes a client keeps at the master, per worker
 WINDOW_MIN = 32 << 20
 LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane
@@ -99,7 +100,9 @@ class Session:
         self.functions: OrderedDict[int, tuple] = OrderedDict()
         self.dead_functions: deque[tuple[int, weakref.ref]] = deque()
         self.functions_lock = threading.Lock()
-        self.master_has: set[bytes] = set()       # digests sent (I/O thread only)
+        self.master_has: set[bytes] = set()       # digests sent (under lock; cleared past
+        # DIGESTS_KEPT, so millions of distinct partials cost no memory here: a function in
+        # use is then sent to the master once more, which ships it to a worker once still)
         self.cancels: dict[int, list] = {}        # seq -> [event, answer]
         self.seqs = itertools.count(1)
         self.closed = False
@@ -155,6 +158,8 @@ class Session:
         if self.lane_sock is None:
             return False
         has_blob = job.digest not in self.lane_has
+        if has_blob and len(self.lane_has) >= DIGESTS_KEPT:
+            self.lane_has.clear()
         if job.size + (len(job.blob) if has_blob else 0) > LANE_MAX_BYTES:
             return False
         header = P.pack(P.LJOB, self.lane_cid, job.seq, job.digest, len(job.frames),
@@ -308,6 +313,8 @@ class Session:
         fns, fn_frames, entries, frames = [], [], [], []
         for job in batch:
             if job.digest not in self.master_has:
+                if len(self.master_has) >= DIGESTS_KEPT:
+                    self.master_has.clear()
                 self.master_has.add(job.digest)
                 fns.append(job.digest)
                 fn_frames.append(job.blob)

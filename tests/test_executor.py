@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from cw import session
 from cw.client import ClusterExecutor
 from cw.errors import MasterUnreachable, RemoteException, SerializationError
 
@@ -386,6 +387,25 @@ def test_a_submitted_bound_methods_object_is_collected_and_shipped_once_per_work
         assert ex.submit(other.add, 1).result(timeout=30) == 2
         del other
         wait_for(lambda: collected(ref), 5, "the lane job's object to be collected")
+
+
+def test_distinct_partials_by_the_thousand_leave_nothing_in_the_client(cluster, tmp_path,
+                                                                        monkeypatch):
+    """Each distinct partial is a function of its own: the client keeps none of them and
+    forgets the digests it sent beyond DIGESTS_KEPT (20 here, 10,000 really), while a
+    function in use all along still reaches each worker once."""
+    monkeypatch.setattr(session, "DIGESTS_KEPT", 20)
+    trace = tmp_path / "unpickled"
+    obj = Traced(str(trace))
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        futures = []
+        for i in range(300):
+            futures += [ex.submit(partial(pow, i), 2), ex.submit(obj.add, i)]
+        assert [f.result(timeout=60) for f in futures] == \
+            [v for i in range(300) for v in (i * i, i + 1)]
+        sent, cached = len(ex._session.master_has), len(ex._session.functions)
+    assert sent <= 20 and cached <= 4, (sent, cached)
+    assert 1 <= trace.read_text().count("x") <= 2
 
 
 def test_each_result_map_yielded_is_collectable_once_dropped(cluster):
