@@ -17,9 +17,8 @@ import logging
 from collections import deque
 import threading
 import time
-from concurrent.futures import Executor, Future
-from concurrent.futures import _base
-from concurrent.futures.process import _chain_from_iterable_of_lists, _get_chunks, _process_chunk
+from concurrent.futures import Executor, Future, InvalidStateError
+from concurrent.futures import wait as wait_futures
 from functools import partial
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -42,11 +41,10 @@ class CwFuture(Future):
         self._seq: Optional[int] = None
 
     def cancel(self) -> bool:
-        with self._condition:
-            if self._state in (_base.RUNNING, _base.FINISHED):
-                return False
-            if self._state in (_base.CANCELLED, _base.CANCELLED_AND_NOTIFIED):
-                return True
+        if self.cancelled():
+            return True
+        if self.running() or self.done():
+            return False
         if self._seq is not None and \
                 not self._executor._session.cancel([self._seq]).get(self._seq):
             return False
@@ -56,9 +54,18 @@ class CwFuture(Future):
         """Mark cancelled (the cluster confirmed it will never run) and wake waiters."""
         if not super().cancel():
             return False
-        self.set_running_or_notify_cancel()  # CANCELLED -> CANCELLED_AND_NOTIFIED
+        _notify(self)  # wait() and as_completed() learn of it only from this call
         self._executor._futures.pop(self._seq, None)
         return True
+
+
+def _notify(future: Future) -> bool:
+    """``set_running_or_notify_cancel``, once: False if the future was cancelled (its
+    waiters are told now) or was already running or done."""
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # running or done already (the other thread came first)
+        return False
 
 
 class ClusterExecutor(Executor):
@@ -132,21 +139,28 @@ class ClusterExecutor(Executor):
             bar = map_bar(progress, iterables, chunksize)
         if chunksize == 1:
             return self._map(fn, zip(*iterables), timeout, opts, bar=bar)
-        chunks = self._map(partial(_process_chunk, fn), _get_chunks(*iterables,
-                                                                      chunksize=chunksize),
+        chunks = self._map(partial(run_chunk, fn), chunked(zip(*iterables), chunksize),
                            timeout, opts, star=False, bar=bar)
-        return _chain_from_iterable_of_lists(chunks)
+        return _flatten(chunks)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; optionally cancel what has not started; wait; disconnect."""
+        """Stop accepting work; wait for it; disconnect (``wait=False``: at once, dropping
+        what has not finished).
+
+        ``cancel_futures`` cancels what no worker holds yet, as ProcessPoolExecutor does:
+        jobs running, or held by a worker and about to run, complete.
+        """
         with self._shutdown_lock:
             already, self._shutdown = self._shutdown, True
         if already and self._session.closed:
             return
         if cancel_futures:
-            self.cancel_many(list(self._futures.values()))
+            for seq, ok in self._session.cancel_queued().items():
+                future = self._futures.get(seq)
+                if ok and future is not None:
+                    future._cancelled_by_cluster()
         if wait:
-            _base.wait(list(self._futures.values()))
+            wait_futures(list(self._futures.values()))
         self._session.close()
 
     # ---------------------------------------------------------------- extras
@@ -180,10 +194,10 @@ class ClusterExecutor(Executor):
             try:
                 while futures:
                     left = None if end is None else end - time.monotonic()
-                    value = futures[0].result(left)
-                    futures.popleft()
+                    futures[0].result(left)  # wait (or raise) with the future still ours
                     submit(1)
-                    yield value
+                    # nothing here keeps the value (or its future) once it is yielded
+                    yield _pop_result(futures)
             finally:
                 if futures:
                     self.cancel_many(futures)
@@ -193,15 +207,17 @@ class ClusterExecutor(Executor):
 
     # ---------------------------------------------------------------- I/O thread
     def _started(self, future: CwFuture) -> None:
-        if future._state == _base.PENDING:
-            future.set_running_or_notify_cancel()
+        if not future.done() and not future.running():
+            _notify(future)
 
     def _done(self, future: CwFuture, error: Optional[BaseException], value: Any) -> None:
-        if not future.done():  # settle first: _submit drops it from _futures if done
+        try:  # settle first: _submit drops it from _futures if done
             if error is None:
                 future.set_result(value)
             else:
                 future.set_exception(error)
+        except InvalidStateError:
+            pass  # cancelled meanwhile
         self._futures.pop(future._seq, None)
 
     def __repr__(self) -> str:
@@ -222,6 +238,33 @@ class ExecutorOptions:
             chunksize: int = 1, progress: bool | dict = False) -> Iterator:
         return self._executor._map_with(self._opts, fn, iterables, timeout, chunksize,
                                         progress)
+
+
+def _pop_result(futures: deque) -> Any:
+    """The result of the first future (done), which leaves ``futures``."""
+    return futures.popleft().result()
+
+
+def run_chunk(fn: Callable, chunk: tuple) -> list:
+    """Runs on a worker: ``fn(*args)`` for each argument tuple of a ``map`` chunk."""
+    return [fn(*args) for args in chunk]
+
+
+def chunked(arg_tuples: Iterator, size: int) -> Iterator[tuple]:
+    """Tuples of up to ``size`` items of ``arg_tuples``, in order."""
+    while True:
+        chunk = tuple(itertools.islice(arg_tuples, size))
+        if not chunk:
+            return
+        yield chunk
+
+
+def _flatten(chunks: Iterator[list]) -> Iterator:
+    """The items of each chunk's result list, which keeps none of them once yielded."""
+    for results in chunks:
+        results.reverse()
+        while results:
+            yield results.pop()
 
 
 def job_options(max_retries: int = DEFAULT_MAX_RETRIES,

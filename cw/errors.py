@@ -80,6 +80,10 @@ class NoKeys(SecurityError, MasterUnreachable):
         return (type(self), (self.args[0], self.path))
 
 
+class MasterNotFound(CwError, LookupError):
+    """Nothing says where this user's master runs (no connection file, no master job)."""
+
+
 class MasterLost(CwError, ConnectionError):
     """The master stopped answering and did not come back in time."""
 

@@ -392,7 +392,7 @@ class Master:
         if isinstance(peer, Client) and kind == P.SUBMIT:
             return state.submit(peer, header[1], header[2], frames)
         if isinstance(peer, Client) and kind == P.CANCEL:
-            return state.cancel(peer, header[1])
+            return state.cancel(peer, header[1], bool(header[2:3] and header[2]))
         if isinstance(peer, Worker) and kind == P.RESULTS:
             return state.results(peer, header[1], header[2], frames, now, *header[3:5])
         if isinstance(peer, Worker) and kind == P.LANE_BUSY:

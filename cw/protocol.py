@@ -61,7 +61,9 @@ HEARTBEAT = 5    # both ways: [HEARTBEAT]; the master's adds its worker count: [
 BYE = 6          # peer -> master: [BYE]
 SUBMIT = 10      # client -> master: [SUBMIT, fns, jobs]; fns: [digest], jobs: [[seq, digest, nframes, opts]]
                  #   opts: None or {max_retries, timeout, losses: [workers lost on the lane]}
-CANCEL = 11      # client -> master: [CANCEL, [seq]]; master -> worker: [CANCEL, [[cid, seq]]]
+CANCEL = 11      # client -> master: [CANCEL, [seq], queued_only?]; master -> worker: [CANCEL, [[cid, seq]]]
+                 #   queued_only (optional, shutdown(cancel_futures=True)): idle workers are
+                 #   fed first, then only still-queued jobs are cancelled
 CANCELLED = 12   # worker -> master: [CANCELLED, [[cid, seq, ok]]]; master -> client: [CANCELLED, [[seq, ok]]]
 JOBS = 20        # master -> worker: [JOBS, ctxs, fns, jobs]; ctxs: [[cid, cwd, path]],
                  #   fns: [[cid, digest]], jobs: [[cid, seq, digest, nframes]]

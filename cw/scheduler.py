@@ -340,11 +340,17 @@ class Scheduler:
             self.queued += 1
             client.submitted += 1
 
-    def cancel(self, client: Client, seqs: list) -> None:
-        """Cancel jobs not yet started; workers are asked about jobs they hold."""
+    def cancel(self, client: Client, seqs: list, queued_only: bool = False) -> None:
+        """Cancel jobs not yet started; workers are asked about jobs they hold.
+
+        ``queued_only`` (a client's shutdown with cancel_futures): idle workers are fed
+        first, then only jobs still queued are cancelled; what a worker holds runs.
+        """
+        if queued_only and self.queued:
+            self._dispatch()
         for seq in seqs:
             job = client.jobs.get(seq) if isinstance(seq, int) else None
-            if job is None or job.started:
+            if job is None or job.started or (queued_only and job.worker is not None):
                 client.out_cancelled.append([seq, False])
             elif job.worker is None:
                 job.cancelled = True

@@ -9,6 +9,9 @@
                                                           call at a time (``delivering``)
     cancel(seqs): round trip through the master and the worker holding the job: True only
                   if the job was removed before it started, so it will never run
+    cancel_queued(): shutdown(cancel_futures=True): unsent jobs go first, then the master
+                  feeds idle workers and cancels only what is still queued (CANCEL with
+                  queued_only); what a worker holds runs, as in ProcessPoolExecutor
 
 Byte window: the master keeps what it is sent in memory until a worker takes it, so a client
 keeps at most ``window()`` bytes of arguments there (``WINDOW_PER_WORKER`` per connected
@@ -25,6 +28,10 @@ to arrive wins. Cancelling it answers False (it may run).
 
 A function object is pickled once per session (cached by identity) and its blob travels to
 the master once; jobs afterwards name it by digest. Results arriving twice are dropped by seq.
+The cache holds a function only weakly: once the caller lets go of it (a bound method, a
+partial) and its jobs are settled, nothing here keeps it or what it references alive. A
+function that cannot be weakly referenced is pickled again on each submit (same digest, so it
+still travels once).
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ import os
 import pickle
 import sys
 import threading
+import time
+import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import CancelledError
 from typing import Any, Callable, Iterable, Optional
@@ -50,6 +59,7 @@ log = logging.getLogger("cw.client")
 
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
+DIGESTS_KEPT = 10_000          # digests remembered as sent; beyond, forgotten (sent again)
 WINDOW_PER_WORKER = 24 << 20   # argument bytes a client keeps at the master, per worker
 WINDOW_MIN = 32 << 20
 LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane
@@ -86,9 +96,14 @@ class Session:
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
         self.inflight = 0                          # argument bytes sent and not settled
         self.flush_asked = False
-        # id(func) -> (func, digest, blob, name)
+        # id(func) -> (weakref to func, digest, blob, name); entries of collected functions
+        # are dropped from dead_functions (their weakref callbacks only append there)
         self.functions: OrderedDict[int, tuple] = OrderedDict()
-        self.master_has: set[bytes] = set()       # digests sent (I/O thread only)
+        self.dead_functions: deque[tuple[int, weakref.ref]] = deque()
+        self.functions_lock = threading.Lock()
+        self.master_has: set[bytes] = set()       # digests sent (under lock; cleared past
+        # DIGESTS_KEPT, so millions of distinct partials cost no memory here: a function in
+        # use is then sent to the master once more, which ships it to a worker once still)
         self.cancels: dict[int, list] = {}        # seq -> [event, answer]
         self.seqs = itertools.count(1)
         self.closed = False
@@ -144,6 +159,8 @@ class Session:
         if self.lane_sock is None:
             return False
         has_blob = job.digest not in self.lane_has
+        if has_blob and len(self.lane_has) >= DIGESTS_KEPT:
+            self.lane_has.clear()
         if job.size + (len(job.blob) if has_blob else 0) > LANE_MAX_BYTES:
             return False
         header = P.pack(P.LJOB, self.lane_cid, job.seq, job.digest, len(job.frames),
@@ -216,11 +233,40 @@ class Session:
                     self._ask_flush()
         if asked:
             self.conn.call(self.conn.send, [P.pack(P.CANCEL, list(asked))])
-            for seq, waiter in asked.items():
-                waiter[0].wait(timeout)
-                with self.lock:
-                    answers[seq] = waiter[1]
-                    waiter[0].set()  # from now on a late answer settles the job itself
+            answers.update(self._answers(asked, timeout))
+        return answers
+
+    def cancel_queued(self, timeout: float = 10.0) -> dict[int, bool]:
+        """Cancel every job no worker holds yet (``shutdown(cancel_futures=True)``), as
+        ProcessPoolExecutor does: jobs beyond the byte window are dropped here; the rest are
+        sent, then the master feeds its idle workers and cancels what is still queued. A job
+        maps to True if it was cancelled; the others run (their outcomes follow)."""
+        with self.lock:
+            answers = {job.seq: True for job in self.held}
+            for job in self.held:
+                self._settled(self.jobs.pop(job.seq))
+            self.held.clear()
+            asked = {seq: self.cancels.setdefault(seq, [threading.Event(), False])
+                     for seq in self.jobs if seq not in self.on_lane}
+        if asked and not self.conn.in_io_thread():
+            self.conn.call(self._send_cancel_queued, list(asked))
+            answers.update(self._answers(asked, timeout))
+        return answers
+
+    def _send_cancel_queued(self, seqs: list) -> None:
+        self._flush()  # what is unsent goes first, so the master can feed idle workers
+        self.conn.send([P.pack(P.CANCEL, seqs, True)])
+
+    def _answers(self, asked: dict[int, list], timeout: float) -> dict[int, bool]:
+        """Wait (``timeout`` seconds in all) for the master's cancel answers; False if none.
+        From then on a late answer settles its job itself (``_cancelled``)."""
+        deadline = time.monotonic() + timeout
+        answers = {}
+        for seq, waiter in asked.items():
+            waiter[0].wait(max(0.0, deadline - time.monotonic()))
+            with self.lock:
+                answers[seq] = waiter[1]
+                waiter[0].set()
         return answers
 
     def close(self) -> None:
@@ -233,16 +279,34 @@ class Session:
             self.conn.close()
 
     def _function(self, func: Callable) -> tuple[bytes, bytes, str]:
-        """``(digest, blob, name)`` of a function, pickled once while it stays cached."""
-        cached = self.functions.get(id(func))
-        if cached is not None and cached[0] is func:
-            self.functions.move_to_end(id(func))
-            return cached[1:]
+        """``(digest, blob, name)`` of a function, pickled once while it lives (and stays
+        among the FUNCTION_CACHE last used)."""
+        key = id(func)
+        with self.functions_lock:
+            self._forget_dead_functions()
+            cached = self.functions.get(key)
+            if cached is not None and cached[0]() is func:
+                self.functions.move_to_end(key)
+                return cached[1:]
         digest, blob = serialize.dumps_function(func)
-        entry = self.functions[id(func)] = (func, digest, blob, _name(func))
-        if len(self.functions) > FUNCTION_CACHE:
-            self.functions.popitem(last=False)
-        return entry[1:]
+        name = _name(func)
+        try:
+            ref = weakref.ref(func, _on_collected(self.dead_functions, key))
+        except TypeError:  # not weakly referenceable: never cached, so never kept alive
+            return digest, blob, name
+        with self.functions_lock:
+            self.functions[key] = (ref, digest, blob, name)
+            if len(self.functions) > FUNCTION_CACHE:
+                self.functions.popitem(last=False)
+        return digest, blob, name
+
+    def _forget_dead_functions(self) -> None:  # under functions_lock
+        """Drop the cache entries (and pickled blobs) of functions collected since."""
+        while self.dead_functions:
+            key, ref = self.dead_functions.popleft()
+            cached = self.functions.get(key)
+            if cached is not None and cached[0] is ref:
+                del self.functions[key]
 
     def _ask_flush(self) -> None:  # under lock
         if not self.flush_asked:
@@ -262,6 +326,8 @@ class Session:
         fns, fn_frames, entries, frames = [], [], [], []
         for job in batch:
             if job.digest not in self.master_has:
+                if len(self.master_has) >= DIGESTS_KEPT:
+                    self.master_has.clear()
                 self.master_has.add(job.digest)
                 fns.append(job.digest)
                 fn_frames.append(job.blob)
@@ -288,6 +354,9 @@ class Session:
                 self._deliver(started, done, frames)
             finally:
                 self.deliverer = None
+        if self.dead_functions:
+            with self.functions_lock:
+                self._forget_dead_functions()
         self._admit_and_flush()
 
     def _deliver(self, started: list, done: list, frames: list) -> None:
@@ -506,6 +575,12 @@ def rebuild_error(payload: list) -> BaseException:
     except AttributeError:  # an exception type with __slots__
         pass
     return exc
+
+
+def _on_collected(dead: deque, key: int) -> Callable[[weakref.ref], None]:
+    """A weakref callback that only notes the entry (it may run in any thread, inside any
+    allocation, so it takes no lock and touches no dict)."""
+    return lambda ref: dead.append((key, ref))
 
 
 def _name(func: Callable) -> str:

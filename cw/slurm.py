@@ -26,13 +26,14 @@ import dataclasses
 import getpass
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 import time
 from typing import ContextManager, Iterator, Optional, Sequence
 
 from . import address
-from .errors import MasterUnreachable
+from .errors import MasterNotFound, MasterUnreachable
 from .launch import (LaunchError, allocated, log_tail, print_master_status, pythonpath,
                      wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
@@ -144,6 +145,31 @@ def master_address(timeout: float = 0.0) -> Optional[str]:
     """``"node:port"`` of the user's running cmaster job (see master_host), else None."""
     job = _running_master(timeout)
     return f"{job.node}:{_port_of(job)}" if job else None
+
+
+def slurm_master_host() -> str:
+    """The host of this user's running cw master, to pass to ``ClientThread`` or
+    ``ClusterExecutor`` as their host (the original cluster-workers' API, also
+    ``cw.slurm_master_host()``).
+
+    The connection file ``$CW_HOME/default.json`` the master job wrote comes first, else
+    the node of the user's RUNNING ``cmaster`` job in squeue. A master that does not listen
+    on ``cw.PORT`` (5494) is given as ``"host:port"``, which those constructors accept.
+    Raises MasterNotFound, naming both places, when neither knows a master.
+    """
+    info = address.read_connection_file(address.default_connection_file())
+    if info:
+        host, port = str(info["host"]), int(info["port"])
+    else:
+        job = _running_master(0.0) if shutil.which("squeue") else None
+        if job is None:
+            raise MasterNotFound(
+                f"no cw master found: no connection file {address.default_connection_file()} "
+                f"and no RUNNING {JOB_MASTER} job of {getpass.getuser()} in squeue"
+                f"{'' if shutil.which('squeue') else ' (squeue is not on PATH)'}; start one "
+                f"with ./slurm.py -n N start")
+        host, port = job.node, _port_of(job)
+    return host if port == DEFAULT_PORT else f"{host}:{port}"
 
 
 def find_master(timeout: float = 300.0) -> tuple[str, int]:

@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import gc
+import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
+import threading
+import time
+import weakref
 from functools import partial
 from pathlib import Path
 
 import pytest
 
+from cw import session
 from cw.client import ClusterExecutor
 from cw.errors import MasterUnreachable, RemoteException, SerializationError
 
@@ -305,3 +313,151 @@ def test_short_jobs_never_strand_behind_a_long_one(cluster, tmp_path):
         finally:
             gate.touch()
         assert long_job.result(timeout=30) == "long"
+
+
+# ------------------------------------------------------------------ nothing kept alive
+class Traced:
+    """Its bound methods are the submitted functions; each unpickling of one (a worker
+    receiving the function) appends an "x" to ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.payload = bytearray(1 << 20)  # what a user's big object drags along
+
+    def __reduce__(self):
+        return (_revive_traced, (self.path,))
+
+    def add(self, x):
+        return x + 1
+
+
+def _revive_traced(path: str) -> "Traced":
+    with open(path, "a") as f:
+        f.write("x")
+    return Traced(path)
+
+
+class Box:
+    """A result that can be weakly referenced."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+def collected(ref: weakref.ref) -> bool:
+    gc.collect()
+    return ref() is None
+
+
+@pytest.fixture
+def private_runtime_dir(monkeypatch):
+    """A private $XDG_RUNTIME_DIR (short: socket paths are limited), so that the lane
+    works whatever state /tmp/cw-<uid> is in on a shared machine."""
+    path = tempfile.mkdtemp(prefix="cwrt")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", path)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_submitted_bound_methods_object_is_collected_and_shipped_once_per_worker(
+        procs, private_runtime_dir, tmp_path):
+    """The function cache holds functions weakly: a bound method's object is collectable
+    once its futures are done and dropped, on the lane and through the master, while the
+    function still reaches each worker once however many jobs use it."""
+    cluster = procs.master()
+    procs.workers(cluster, 2)
+    trace = tmp_path / "unpickled"
+    obj = Traced(str(trace))
+    ref = weakref.ref(obj)
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        for i in range(5):  # lone jobs: the first through the master, the next on the lane
+            assert ex.submit(obj.add, i).result(timeout=30) == i + 1
+        wait_for(lambda: ex._session.lane_sock is not None, what="the lane")
+        assert ex.submit(obj.add, 5).result(timeout=30) == 6
+        futures = [ex.submit(obj.add, i) for i in range(300)]  # a fresh bound method each
+        assert [f.result(timeout=60) for f in futures] == list(range(1, 301))
+        assert list(ex.map(obj.add, range(300))) == list(range(1, 301))
+        unpickles = trace.read_text().count("x")
+        assert 1 <= unpickles <= 2, f"{unpickles} unpickles for 2 workers"
+        del obj, futures
+        wait_for(lambda: collected(ref), 5, "the object to be collected")
+        # and the lane path alone: a lone job of a new object, then drop it
+        other = Traced(str(trace))
+        ref = weakref.ref(other)
+        assert ex.submit(other.add, 1).result(timeout=30) == 2
+        del other
+        wait_for(lambda: collected(ref), 5, "the lane job's object to be collected")
+
+
+def test_distinct_partials_by_the_thousand_leave_nothing_in_the_client(cluster, tmp_path,
+                                                                        monkeypatch):
+    """Each distinct partial is a function of its own: the client keeps none of them and
+    forgets the digests it sent beyond DIGESTS_KEPT (20 here, 10,000 really), while a
+    function in use all along still reaches each worker once."""
+    monkeypatch.setattr(session, "DIGESTS_KEPT", 20)
+    trace = tmp_path / "unpickled"
+    obj = Traced(str(trace))
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        futures = []
+        for i in range(300):
+            futures += [ex.submit(partial(pow, i), 2), ex.submit(obj.add, i)]
+        assert [f.result(timeout=60) for f in futures] == \
+            [v for i in range(300) for v in (i * i, i + 1)]
+        sent, cached = len(ex._session.master_has), len(ex._session.functions)
+    assert sent <= 20 and cached <= 4, (sent, cached)
+    assert 1 <= trace.read_text().count("x") <= 2
+
+
+def test_each_result_map_yielded_is_collectable_once_dropped(cluster):
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        for chunksize in (1, 3):
+            seen = []
+            for value in ex.map(Box, range(10), chunksize=chunksize):
+                seen.append(value.n)
+                ref = weakref.ref(value)
+                del value
+                assert collected(ref), f"map keeps a yielded result (chunksize={chunksize})"
+            assert seen == list(range(10))
+
+
+# ------------------------------------------------------------------ shutdown(cancel_futures)
+def test_shutdown_cancel_futures_lets_held_jobs_finish_like_process_pool(cluster):
+    """50 jobs to 2 workers, then shutdown(cancel_futures=True) at once: as with
+    ProcessPoolExecutor, the first few complete, the rest are cancelled, none is left."""
+    outcomes = {}
+    for name, make in (("cw", lambda: ClusterExecutor(cluster.host, cluster.port)),
+                       ("ProcessPool", lambda: cf.ProcessPoolExecutor(
+                           2, mp_context=multiprocessing.get_context("spawn")))):
+        ex = make()
+        futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+        ex.shutdown(wait=True, cancel_futures=True)
+        done = [f for f in futures if f.done() and not f.cancelled()]
+        cancelled = [f for f in futures if f.cancelled()]
+        outcomes[name] = (len(done), len(cancelled))
+        assert len(done) + len(cancelled) == 50, f"{name}: a future left pending"
+        assert futures[:len(done)] == done, f"{name}: not the first jobs completed"
+        assert all(f.result(timeout=0) is None for f in done)
+    print("done, cancelled:", outcomes)
+    assert outcomes["cw"][0] >= 2 and outcomes["cw"][1] >= 30, outcomes
+
+
+def test_shutdown_cancel_futures_runs_what_a_worker_holds(cluster, tmp_path):
+    """Two jobs running and two prefetched behind them (held by the workers, about to run):
+    those four complete; the six still queued at the master are cancelled."""
+    gate = tmp_path / "gate"
+    ex = ClusterExecutor(cluster.host, cluster.port)
+    futures = [ex.submit(gated, str(gate), i) for i in range(10)]
+    wait_for(lambda: sum(f.running() for f in futures) == 2, what="two jobs running")
+    wait_for(lambda: sum(w["held"] for w in cluster.status()["workers"]) == 4,
+             what="each worker to hold a second job")
+    stopper = threading.Thread(target=ex.shutdown, kwargs={"cancel_futures": True})
+    stopper.start()
+    wait_for(lambda: sum(f.cancelled() for f in futures) == 6, what="6 jobs cancelled")
+    assert not any(f.done() for f in futures[:4])
+    gate.touch()
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert [f.result(timeout=0) for f in futures[:4]] == [0, 1, 2, 3]
+    assert all(f.cancelled() for f in futures[4:])
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(abs, 1)

@@ -13,8 +13,10 @@ import sys
 
 import pytest
 
-from cw import launch, slurm
+import cw
+from cw import address, launch, slurm
 from cw.client import ClusterExecutor
+from cw.errors import MasterNotFound
 from cw.launch import LaunchError
 from cw.status import status
 
@@ -98,6 +100,66 @@ def test_launch_chooses_slurm_and_allocate_cancels_on_error(cw_jobs):
 def test_master_host_is_none_without_a_master_job(cw_jobs):
     assert slurm.master_host() is None
     assert slurm.master_address(timeout=0.3) is None
+
+
+# the original README's client side, as a user would write it after ./slurm.py -n N start
+RECIPE = """
+import cw
+from cw.client import ClientThread
+
+results = {}
+
+def callback(jobid, result):
+    results[jobid] = result
+
+host = cw.slurm_master_host()
+ct = ClientThread(callback, host)
+ct.start()
+for i in range(20):
+    ct.submit(i, pow, i, 2)
+ct.wait()
+ct.stop()
+assert results == {i: i * i for i in range(20)}, results
+print("ok", host)
+"""
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(150)
+def test_the_original_readmes_slurm_recipe_runs_as_written(cw_jobs, tmp_path):
+    """``./slurm.py -n N start``, then ``ClientThread(callback, cw.slurm_master_host())``:
+    found through the connection file, and through squeue alone when there is none."""
+    started = run_cli("-n", "2", "start", timeout=120)  # as written: the default port
+    assert started.returncode == 0, started.stderr
+    script = tmp_path / "client.py"
+    script.write_text(RECIPE)
+    conn = address.default_connection_file()
+    expected = {"connection file": address.read_connection_file(conn)["host"],
+                "squeue": slurm.master_host()}
+    for how, host in expected.items():
+        if how == "squeue":
+            conn.rename(tmp_path / "default.json")
+        out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+        assert out.returncode == 0, f"via {how}:\n{out.stderr}"
+        assert out.stdout.split() == ["ok", host]
+    (tmp_path / "default.json").rename(conn)
+
+
+def test_slurm_master_host_reads_the_connection_file_then_squeue(fake_slurm, cw_home,
+                                                                  monkeypatch):
+    env, log = fake_slurm
+    monkeypatch.setenv("PATH", env["PATH"])
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    assert cw.PORT == 5494
+    with pytest.raises(MasterNotFound, match=r"default\.json and no RUNNING cmaster job .* "
+                                             r"in squeue"):
+        cw.slurm_master_host()
+    log.write_text("")  # the fake squeue now lists a running cmaster on nodeA, port 6000
+    assert cw.slurm_master_host() == "nodeA:6000"
+    address.write_connection_file(cw_home / "default.json", {"host": "h1", "port": 5494})
+    assert cw.slurm_master_host() == "h1"
 
 
 FAKE_SBATCH = """#!/bin/sh
