@@ -62,6 +62,7 @@ class Master:
         self.local_socket = local_socket
         self.local_endpoint: Optional[str] = None
         self.local_sock: Optional[zmq.Socket] = None
+        self.local_check: Optional[local.PeerCheck] = None
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
         self.keys: Optional[dict] = None
         self.auth = None
@@ -112,13 +113,21 @@ class Master:
         if endpoint is None:
             return
         sock = self._router()
+        check = local.PeerCheck(sock, zmq.EVENT_ACCEPTED)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             log.warning("no local socket: cannot bind %s (%s)", endpoint, exc)
+            check.close()
             sock.close(linger=0)
             return
-        self.local_sock, self.local_endpoint = sock, endpoint
+        self.local_sock, self.local_endpoint, self.local_check = sock, endpoint, check
+
+    def _on_local_monitor(self, frames: list) -> None:
+        """A connection to the local socket: cut it off unless it is this user's."""
+        uid = self.local_check.stranger(frames, shut=True)
+        if uid is not None:
+            log.warning("cut off a connection from uid %d to the local socket", uid)
 
     def _secure(self, sock: zmq.Socket, reachable: str) -> None:
         """CURVE keys and the ZAP handler, or a loud warning with --insecure."""
@@ -160,6 +169,9 @@ class Master:
         if self.keys is not None:
             self.monitor_reader = SocketLoop(self.loop, self.monitor, self._on_monitor,
                                              lambda: None)
+        if self.local_sock is not None:
+            self.local_monitor_reader = SocketLoop(self.loop, self.local_check.monitor,
+                                                   self._on_local_monitor, lambda: None)
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
         self.sample()
@@ -197,6 +209,8 @@ class Master:
             for reader in self.readers:
                 reader.close()
             if self.local_sock is not None:
+                self.local_monitor_reader.close()
+                self.local_check.close()
                 self.local_sock.close(linger=0)
                 local.remove(self.local_endpoint)
             if self.keys is not None:

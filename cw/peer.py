@@ -127,8 +127,10 @@ class Connection:
     # ---------------------------------------------------------------- I/O thread
     def send(self, frames: list) -> None:
         """Send a message to the master (I/O thread only)."""
-        try:
-            self.sock.send_multipart(frames, copy=False)
+        if self.check is not None:
+            self._stranger()  # a reconnect may have reached someone else's socket
+        try:  # never blocks: a socket whose handshake failed has no peer (it says EAGAIN)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             self.log.warning("cannot send to the master: %s", exc)
         self.reader.kick()
@@ -154,21 +156,25 @@ class Connection:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self.loop = IOLoop(make_current=False)
         self.ctx = zmq.Context()
-        self.sock = self._connect()
+        self.sock, self.check = self._connect()
         self.loop.add_callback(self._begin)
         self._ready.set()
         try:
             self.loop.start()
         finally:  # linger only to deliver BYE to a master that knows us
             self._stop_listening()
+            if self.check is not None:
+                self.check.close()
             self.sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
             self.loop.close(all_fds=False)
 
     def _connect(self, identity: Optional[bytes] = None, rcvhwm: int = 0,
-                 route: Optional[security.Route] = None) -> zmq.Socket:
+                 route: Optional[security.Route] = None
+                 ) -> tuple[zmq.Socket, Optional[local.PeerCheck]]:
         """A DEALER to the master (``identity``: ours unless an alias's; ``route``: ours
-        unless the alias needs another)."""
+        unless the alias needs another), and on the local socket the check of who is at
+        the other end of each connection it makes (zmq reconnects by itself)."""
         route = route or self.route
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
@@ -176,8 +182,20 @@ class Connection:
                            (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
             sock.setsockopt(opt, value)
         security.secure_client(sock, route.keys)
+        check = local.PeerCheck(sock) if route.endpoint.startswith("ipc://") else None
         sock.connect(route.endpoint)
-        return sock
+        return sock, check
+
+    def _stranger(self) -> bool:
+        """True (and we switch to TCP) if another user answers on the local socket."""
+        uids = self.check.strangers() if self.check is not None else ()
+        if not uids:
+            return False
+        self.log.error("uid %d answers on the local socket %s, not this user: someone else "
+                       "took the master's path; leaving it", uids[0], self.endpoint)
+        self._switch(security.route_for(self.host, self.port))  # it is not trusted now
+        self._hello()
+        return True
 
     def _begin(self) -> None:
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
@@ -193,10 +211,16 @@ class Connection:
             return
         self.log.info("the master's connection file changed; reconnecting to %s",
                       route.endpoint)
+        self._switch(route)
+
+    def _switch(self, route: security.Route) -> None:
+        """Dial the master by ``route`` from now on, on a new socket."""
         self.route = route
         self.reader.close()
+        if self.check is not None:
+            self.check.close()
         self.sock.close(linger=0)
-        self.sock = self._connect()
+        self.sock, self.check = self._connect()
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
 
     def _hello(self) -> None:
@@ -225,6 +249,8 @@ class Connection:
             self.send([P.pack(P.HEARTBEAT)])
 
     def _on_message(self, frames: list) -> None:
+        if self.check is not None and self._stranger():
+            return  # never read what a stranger sent
         self.last_heard = time.monotonic()
         try:
             header = P.unpack(frames[0])
@@ -297,27 +323,36 @@ class Alias:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.sock: Optional[zmq.Socket] = None
+        self.check: Optional[local.PeerCheck] = None
         self.route: Optional[security.Route] = None
 
     def send(self, frames: list) -> None:
         if self.sock is None or self.route is not self.conn.route:
             self._open()
+        elif self.check is not None and self.check.strangers():
+            self.conn.log.error("another user answers on the local socket; sending by TCP")
+            self._open(tcp=True)
         try:
             self.sock.send_multipart(frames, copy=False)
         except zmq.ZMQError as exc:
             self.conn.log.warning("cannot send to the master: %s", exc)
 
     def close(self, linger: int = 2000) -> None:
+        if self.check is not None:
+            self.check.close()
+            self.check = None
         if self.sock is not None:
             self.sock.close(linger=linger)
             self.sock = None
 
-    def _open(self) -> None:
-        """Connect as our peer did, unless its local socket has gone since (a tmp cleaner):
-        a socket file that is not there would take our messages and never deliver them.
-        The master maps an alias to its peer whatever socket either came in on."""
+    def _open(self, tcp: bool = False) -> None:
+        """Connect as our peer did, unless its local socket has gone since (a tmp cleaner)
+        or is not ours: a socket file that is not there would take our messages and never
+        deliver them. The master maps an alias to its peer whatever socket either came in
+        on."""
         self.close(linger=0)
         self.route = route = self.conn.route
-        if route.endpoint.startswith("ipc://") and not local.present(route.endpoint):
+        if route.endpoint.startswith("ipc://") and (tcp or not local.present(route.endpoint)):
             route = security.route_for(self.conn.host, self.conn.port, allow_local=False)
-        self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1, route=route)
+        self.sock, self.check = self.conn._connect(self.conn.info["alias"], rcvhwm=1,
+                                                   route=route)
