@@ -46,7 +46,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from . import local
+from . import cli, local
 from .errors import ProtocolError
 
 log = logging.getLogger("cw.lane")
@@ -135,6 +135,7 @@ class Listener:
         if path is None:
             raise OSError(f"no private directory for a {kind} socket")
         self.endpoint, self.handler, self.on_close, self.log = path, handler, on_close, logger
+        self.refusals = cli.Throttled(logger)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(64)
@@ -170,13 +171,13 @@ class Listener:
         try:
             conn, _ = self.server.accept()
         except OSError as exc:  # EMFILE: the connection waits; do not spin on it
-            self.log.warning("%s cannot accept a connection: %s", self.endpoint, exc)
+            self.refusals.warning("%s cannot accept a connection: %s", self.endpoint, exc)
             time.sleep(0.1)
             return
         uid = local.peer_uid(conn)
         if uid != os.getuid():
-            self.log.warning("%s: refused a connection from uid %d (not this user)",
-                             self.endpoint, uid)
+            self.refusals.warning("%s: refused a connection from uid %d (not this user)",
+                                  self.endpoint, uid)
             conn.close()
             return
         conn.setblocking(False)

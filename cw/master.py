@@ -41,6 +41,7 @@ log = logging.getLogger("cw.master")
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may take to say who it is
 
 
 class Master:
@@ -52,8 +53,11 @@ class Master:
                  connection_file: Optional[str] = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  insecure: bool = False, local_socket: bool = True,
-                 dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1"):
+                 dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1",
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
         self.bind_host = host
+        self.handshake_timeout = handshake_timeout
+        self.refusals = cli.Throttled(log)
         self.port = port
         self.heartbeat_interval = heartbeat_interval
         self.extra_connection_file = connection_file
@@ -103,7 +107,8 @@ class Master:
         sock = self.ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.ROUTER_HANDOVER, 1),
                            (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
-                           (zmq.MAXMSGSIZE, self.max_message_size)):
+                           (zmq.MAXMSGSIZE, self.max_message_size),
+                           (zmq.HANDSHAKE_IVL, int(self.handshake_timeout * 1000))):
             sock.setsockopt(opt, value)
         return sock
 
@@ -140,13 +145,13 @@ class Master:
             return
         old = address.master_connection_file(reachable, self.port) if self.port else None
         self.keys = security.master_keys(old) if old else security.new_keys()
-        self.auth = security.start_authenticator(self.ctx, self.keys, log)
+        self.auth = security.start_authenticator(self.ctx, self.keys, cli.Throttled(log))
         security.secure_server(sock, self.keys)
         self.monitor = sock.get_monitor_socket(security.HANDSHAKE_FAILURES)
 
     def _on_monitor(self, frames: list) -> None:
         event = parse_monitor_message([f.bytes for f in frames])
-        log.warning("%s", security.describe_event(event))
+        self.refusals.warning("%s", security.describe_event(event))
 
     def run(self, ready: Optional[Callable[[str], None]] = None) -> None:
         """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread.
@@ -366,6 +371,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_flag(parser, "--max-message-size", default=DEFAULT_MAX_MESSAGE_SIZE, cast=int,
                  help="largest message frame accepted, in bytes; a peer sending more is "
                       "disconnected")
+    cli.add_flag(parser, "--handshake-timeout", default=DEFAULT_HANDSHAKE_TIMEOUT, cast=float,
+                 help="seconds a new connection gets to complete its CurveZMQ handshake "
+                      "before it is closed (idle strangers cannot hold descriptors)")
     cli.add_flag(parser, "--insecure", default=False, action="store_true",
                  help="plain TCP without CurveZMQ keys, for experiments; only with a "
                       "loopback --host")
@@ -385,11 +393,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
+    cli.raise_fd_limit()
     cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
     master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
                     args.connection_file, args.max_message_size, args.insecure,
                     local_socket=not args.no_local_socket,
-                    dashboard_port=args.dashboard, dashboard_host=args.dashboard_host)
+                    dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
+                    handshake_timeout=args.handshake_timeout)
     master.bind()
     try:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
