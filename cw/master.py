@@ -32,7 +32,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from . import address, cli, local, security
 from . import protocol as P
 from .errors import CwError, ProtocolError
-from .scheduler import Client, Scheduler, Worker
+from .scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker
 from .throughput import SAMPLE_INTERVAL, Throughput
 from .zloop import SocketLoop
 
@@ -42,6 +42,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may take to say who it is
+SNDHWM = 64    # messages queued to one peer; then sends say EAGAIN (ROUTER_MANDATORY) and
+               # the scheduler keeps what it could not send (back-pressure, no drops)
+RCVHWM = 256   # messages read ahead from one peer; then zmq stops reading its connection
 
 
 class Master:
@@ -54,7 +57,8 @@ class Master:
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  insecure: bool = False, local_socket: bool = True,
                  dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1",
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_function_bytes: int = MAX_FUNCTION_BYTES):
         self.bind_host = host
         self.handshake_timeout = handshake_timeout
         self.refusals = cli.Throttled(log)
@@ -70,7 +74,8 @@ class Master:
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
         self.keys: Optional[dict] = None
         self.auth = None
-        self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket)
+        self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
+                               max_function_bytes=max_function_bytes)
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
         self.loop: Optional[IOLoop] = None
@@ -106,7 +111,7 @@ class Master:
     def _router(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.ROUTER_HANDOVER, 1),
-                           (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
+                           (zmq.SNDHWM, SNDHWM), (zmq.RCVHWM, RCVHWM), (zmq.LINGER, 0),
                            (zmq.MAXMSGSIZE, self.max_message_size),
                            (zmq.HANDSHAKE_IVL, int(self.handshake_timeout * 1000))):
             sock.setsockopt(opt, value)
@@ -245,12 +250,16 @@ class Master:
                 log.warning("cannot write connection file %s: %s", path, exc)
 
     # ---------------------------------------------------------------- traffic
-    def _send(self, ident: bytes, frames: list, sock: Optional[zmq.Socket] = None) -> bool:
-        """Send to a peer: on ``sock``, else on the socket it registered on."""
+    def _send(self, ident: bytes, frames: list,
+              sock: Optional[zmq.Socket] = None) -> Optional[bool]:
+        """Send to a peer: on ``sock``, else on the socket it registered on. True: sent;
+        None: its queue is full (it does not read), send again later; False: it is gone."""
         try:
-            (sock or self.routes.get(ident, self.sock)).send_multipart([ident, *frames],
-                                                                       copy=False)
+            (sock or self.routes.get(ident, self.sock)).send_multipart(
+                [ident, *frames], zmq.NOBLOCK, copy=False)
             return True
+        except zmq.Again:
+            return None
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
             log.debug("cannot send to %s: %s", ident.hex()[:8], exc)
             return False
@@ -374,6 +383,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_flag(parser, "--handshake-timeout", default=DEFAULT_HANDSHAKE_TIMEOUT, cast=float,
                  help="seconds a new connection gets to complete its CurveZMQ handshake "
                       "before it is closed (idle strangers cannot hold descriptors)")
+    cli.add_flag(parser, "--max-function-bytes", default=MAX_FUNCTION_BYTES, cast=int,
+                 help="bytes of pickled functions the master keeps per client; jobs of "
+                      "functions past it fail with QuotaExceeded")
     cli.add_flag(parser, "--insecure", default=False, action="store_true",
                  help="plain TCP without CurveZMQ keys, for experiments; only with a "
                       "loopback --host")
@@ -399,7 +411,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                     args.connection_file, args.max_message_size, args.insecure,
                     local_socket=not args.no_local_socket,
                     dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
-                    handshake_timeout=args.handshake_timeout)
+                    handshake_timeout=args.handshake_timeout,
+                    max_function_bytes=args.max_function_bytes)
     master.bind()
     try:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
