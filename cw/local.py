@@ -137,11 +137,16 @@ class PeerCheck:
     the uids of peers that are not this user.
 
     Call ``strangers()`` before handling what the socket received: a connection's event is
-    reported before any message can arrive on it.
+    reported before any message can arrive on it. ``ended`` says the connection is over
+    (disconnected, or a connect failed): a socket that does not reconnect by itself must be
+    replaced.
     """
 
-    def __init__(self, sock: zmq.Socket, events: int = zmq.EVENT_CONNECTED):
+    ENDS = zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+    def __init__(self, sock: zmq.Socket, events: int = zmq.EVENT_CONNECTED | ENDS):
         self.sock = sock
+        self.ended = False
         self.monitor = sock.get_monitor_socket(events)
 
     def strangers(self, shut: bool = False) -> list[int]:
@@ -158,7 +163,11 @@ class PeerCheck:
 
     def stranger(self, frames: list, shut: bool = False) -> Optional[int]:
         """The uid behind one monitor event if it is not this user (``shut``: cut it)."""
-        fd = parse_monitor_message([getattr(f, "bytes", f) for f in frames])["value"]
+        event = parse_monitor_message([getattr(f, "bytes", f) for f in frames])
+        if event["event"] & self.ENDS:
+            self.ended = True
+            return None
+        fd = event["value"]
         uid = fd_peer_uid(fd)
         if uid is None or uid == os.getuid():
             return None

@@ -84,6 +84,7 @@ class Connection:
         self._ready = threading.Event()
         self._closing = False
         self._said_hello = time.monotonic()
+        self._redialed = 0.0
 
     @property
     def endpoint(self) -> str:
@@ -127,13 +128,28 @@ class Connection:
     # ---------------------------------------------------------------- I/O thread
     def send(self, frames: list) -> None:
         """Send a message to the master (I/O thread only)."""
-        if self.check is not None:
-            self._stranger()  # a reconnect may have reached someone else's socket
-        try:  # never blocks: a socket whose handshake failed has no peer (it says EAGAIN)
+        if self.check is not None and not self._stranger() and self.check.ended:
+            self._redial()  # the local connection is over (the master stopped)
+        try:  # never blocks: a socket without a peer says EAGAIN (see _connect)
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if self._redial():
+                self.send(frames)
+            else:
+                self.log.debug("no connection to the master; a message was not sent")
         except zmq.ZMQError as exc:
             self.log.warning("cannot send to the master: %s", exc)
         self.reader.kick()
+
+    def _redial(self) -> bool:
+        """Our socket has no peer (its local connection ended, or a handshake failed): dial
+        again as the connection file says now, at most once per heartbeat interval."""
+        now = time.monotonic()
+        if now - self._redialed < self.heartbeat_interval:
+            return False
+        self._redialed = now
+        self._switch(security.route_for(self.host, self.port))
+        return True
 
     def listen(self, kind: str, handler: Callable[[list], None],
                on_close: Callable[[str], None] = lambda peer: None) -> Optional[str]:
@@ -174,15 +190,19 @@ class Connection:
                  ) -> tuple[zmq.Socket, Optional[local.PeerCheck]]:
         """A DEALER to the master (``identity``: ours unless an alias's; ``route``: ours
         unless the alias needs another), and on the local socket the check of who is at
-        the other end of each connection it makes (zmq reconnects by itself)."""
+        the other end of the connection it makes."""
         route = route or self.route
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
+        ipc = route.endpoint.startswith("ipc://")
+        # on the local socket zmq must not reconnect by itself: what it queued meanwhile
+        # would go to whoever then holds the path; we dial again, checking it (_redial)
         for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, rcvhwm), (zmq.LINGER, 2000),
-                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
+                           (zmq.RECONNECT_IVL, -1 if ipc else 100),
+                           (zmq.RECONNECT_IVL_MAX, 2000)):
             sock.setsockopt(opt, value)
         security.secure_client(sock, route.keys)
-        check = local.PeerCheck(sock) if route.endpoint.startswith("ipc://") else None
+        check = local.PeerCheck(sock) if ipc else None
         sock.connect(route.endpoint)
         return sock, check
 
@@ -332,8 +352,16 @@ class Alias:
         elif self.check is not None and self.check.strangers():
             self.conn.log.error("another user answers on the local socket; sending by TCP")
             self._open(tcp=True)
+        elif self.check is not None and self.check.ended:
+            self._open()  # the local connection is over: dial again, checking the path
         try:
-            self.sock.send_multipart(frames, copy=False)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no peer (the local connection ended): dial again, checking it
+            self._open()
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                self.conn.log.warning("cannot send to the master: %s", exc)
         except zmq.ZMQError as exc:
             self.conn.log.warning("cannot send to the master: %s", exc)
 
