@@ -123,10 +123,26 @@ def peer_uid(sock: socket.socket) -> int:
 
 def fd_peer_uid(fd: int) -> Optional[int]:
     """``peer_uid`` of the connection on descriptor ``fd`` (None: not one any more)."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
+    sock = _dup(fd)
+    if sock is None:
+        return None
+    with sock:
+        try:
             return peer_uid(sock) if sock.family == socket.AF_UNIX else None
+        except OSError:
+            return None
+
+
+def _dup(fd: int) -> Optional[socket.socket]:
+    """A socket object on a copy of descriptor ``fd`` (None: it is no socket now)."""
+    try:
+        copy = os.dup(fd)
     except OSError:
+        return None
+    try:
+        return socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
         return None
 
 
@@ -185,11 +201,13 @@ class PeerCheck:
 
 def _shut(fd: int) -> None:
     """Shut a connection down under zmq's feet: it sees the end and drops that peer."""
-    try:
-        with socket.socket(fileno=os.dup(fd)) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    sock = _dup(fd)
+    if sock is not None:
+        with sock:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def endpoint_for(bind_host: str, port: int) -> Optional[str]:
