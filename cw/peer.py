@@ -41,6 +41,7 @@ from .errors import MasterUnreachable, ProtocolError, TooLarge
 from .zloop import SocketLoop
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+LOCAL_RECONNECT_MS = 30_000  # zmq's own reconnect on the local socket (we redial first)
 
 
 def peer_info(**extra) -> dict:
@@ -195,11 +196,13 @@ class Connection:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
         ipc = route.endpoint.startswith("ipc://")
-        # on the local socket zmq must not reconnect by itself: what it queued meanwhile
-        # would go to whoever then holds the path; we dial again, checking it (_redial)
+        # on the local socket zmq must not reconnect by itself before we do: what it queued
+        # meanwhile would go to whoever then holds the path; we dial again, checking it, at
+        # the next send (_redial). Not -1 (never): libzmq 4.3 then drops the connection's
+        # pipe, and one dropped while a message is being read aborts (fq.cpp: !_more).
         for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, rcvhwm), (zmq.LINGER, 2000),
-                           (zmq.RECONNECT_IVL, -1 if ipc else 100),
-                           (zmq.RECONNECT_IVL_MAX, 2000)):
+                           (zmq.RECONNECT_IVL, LOCAL_RECONNECT_MS if ipc else 100),
+                           (zmq.RECONNECT_IVL_MAX, LOCAL_RECONNECT_MS if ipc else 2000)):
             sock.setsockopt(opt, value)
         security.secure_client(sock, route.keys)
         check = local.PeerCheck(sock) if ipc else None
