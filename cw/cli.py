@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable, Optional
 
 
@@ -63,3 +64,38 @@ def tune_malloc() -> None:
         libc.mallopt(-1, 2 * MALLOC_MMAP_THRESHOLD)    # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: keep its defaults
         pass
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit on open files to the hard one: a daemon holds a descriptor per
+    peer, and idle connections from strangers must not use up a low soft limit (often 1024,
+    sometimes 256) before its own peers connect."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+class Throttled:
+    """A log line that may repeat without bound (one per refused connection): the first is
+    logged, then at most one per ``every`` seconds, saying how many were not logged."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0):
+        self.log, self.every = logger, every
+        self.next = 0.0
+        self.skipped = 0
+
+    def warning(self, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now < self.next:
+            self.skipped += 1
+            return
+        if self.skipped:
+            msg += f" (and {self.skipped} more like it in the last {self.every:g} s)"
+        self.log.warning(msg, *args)
+        self.next, self.skipped = now + self.every, 0

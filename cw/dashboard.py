@@ -10,16 +10,23 @@
 Everything runs on the master's event loop, so the handlers read the Scheduler without locks;
 they only read. There is no authentication: the default bind address is 127.0.0.1; reach a
 remote master's dashboard with ``ssh -L PORT:127.0.0.1:PORT master-node``.
+
+A web page elsewhere could read a local dashboard through DNS rebinding (its own name made to
+resolve to 127.0.0.1), so a request is answered only when its ``Host`` header names this
+machine as the user meant it: a loopback name, an IP address, or the ``--dashboard-host``
+name (with this machine's own names if that is a wildcard); anything else gets 403.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import socket
 from typing import TYPE_CHECKING
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
-from tornado.web import Application, RequestHandler
+from tornado.web import Application, HTTPError, RequestHandler
 
 from .errors import CwError
 
@@ -47,15 +54,58 @@ def snapshot(master: "Master", throughput: Throughput) -> dict:
     return info
 
 
-class PageHandler(RequestHandler):
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
+WILDCARDS = {"", "*", "0.0.0.0", "::"}
+
+
+def allowed_hosts(bind_host: str) -> set[str]:
+    """The ``Host`` names (without port) the dashboard answers, besides IP addresses."""
+    names = set(LOOPBACK_NAMES)
+    if bind_host in WILDCARDS:
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    else:
+        names.add(bind_host.lower().strip("[]"))
+    return names
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` (a name or an address) means this machine only."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class Handler(RequestHandler):
+    """Answers only requests whose ``Host`` header is one of ``allowed`` or an IP address
+    (DNS rebinding can only forge names)."""
+
+    def initialize(self, allowed: set[str], **kw) -> None:
+        self.allowed = allowed
+
+    def prepare(self) -> None:
+        name = self.request.host_name.strip("[]")
+        if name in self.allowed:
+            return
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            log.debug("refused a request for Host %r", self.request.host)
+            raise HTTPError(403, reason="unknown Host") from None
+
+
+class PageHandler(Handler):
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.write(PAGE)
 
 
-class StatusHandler(RequestHandler):
-    def initialize(self, master: "Master", throughput: Throughput) -> None:
+class StatusHandler(Handler):
+    def initialize(self, allowed: set[str], master: "Master", throughput: Throughput) -> None:
+        super().initialize(allowed)
         self.master = master
         self.throughput = throughput
 
@@ -79,9 +129,10 @@ def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTT
     returned server's ``url`` attribute is where it listens; its ``stop()`` stops it.
     """
     throughput = master.throughput  # sampled by the master itself
-    app = Application([(r"/", PageHandler),
+    allowed = allowed_hosts(host)
+    app = Application([(r"/", PageHandler, {"allowed": allowed}),
                        (r"/status\.json", StatusHandler,
-                        {"master": master, "throughput": throughput})],
+                        {"allowed": allowed, "master": master, "throughput": throughput})],
                       log_function=_log_request)
     try:
         sockets = bind_sockets(port, host)
@@ -93,6 +144,10 @@ def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTT
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
     server.url = f"http://{shown}:{bound[1]}/"
     log.info("dashboard on %s", server.url)
+    if not is_loopback(host):
+        log.warning("the dashboard has no authentication and is bound to %s: anyone who "
+                    "reaches that address can read this cluster's state (keep it on "
+                    "127.0.0.1 and use ssh -L)", host or "every interface")
     return server
 
 

@@ -11,6 +11,7 @@
      │    └── NoKeys
      ├── MasterLost           the master went silent for longer than the client tolerates
      ├── WorkerLost           the job's worker died (too many times); names the workers
+     ├── QuotaExceeded        the master refused a job: its client holds too much there
      └── JobTimeout           the job ran past its deadline (also a TimeoutError)
     RemoteTraceback           the remote traceback, chained as __cause__ of a re-raised error
 """
@@ -101,6 +102,12 @@ class WorkerLost(CwError):
 
     def __reduce__(self):
         return (type(self), (self.args[0], self.workers))
+
+
+class QuotaExceeded(CwError):
+    """The master refused a job because its client already keeps too much there: argument
+    bytes beyond twice its byte window, or more functions than the master stores per client.
+    ``cw``'s own clients stay within the window; this means a client gone rogue."""
 
 
 class JobTimeout(CwError, TimeoutError):

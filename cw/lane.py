@@ -29,7 +29,9 @@ send that fails closes the connection; the client's inbox sees it close, and wha
 that worker's lane goes through the master (at LANE_LOST, or after a grace if the worker
 lives on). So a stuck or vanished peer costs a resend, never a hang. Sockets live in the
 same private directory as the master's local socket (cw.local): only the user can connect
-to them.
+to them. Both ends check that: ``connect`` goes only to a socket ``local.trusted`` vouches
+for and whose listener runs as this user, and a listener closes at once a connection from
+any other user (``SO_PEERCRED``).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ import time
 import uuid
 from typing import Callable, Optional
 
-from . import local
+from . import cli, local
 from .errors import ProtocolError
 
 log = logging.getLogger("cw.lane")
@@ -62,6 +64,10 @@ READ_SIZE = 1 << 20
 def new_endpoint(kind: str) -> Optional[str]:
     """A fresh socket path in the private directory (None if there is none)."""
     return local.socket_path(f"{kind}-{uuid.uuid4().hex[:12]}.sock")
+
+
+class Untrusted(ConnectionRefusedError):
+    """A lane or inbox socket, or the process behind it, is not this user's own."""
 
 
 def unreachable(error: Optional[OSError]) -> bool:
@@ -129,6 +135,7 @@ class Listener:
         if path is None:
             raise OSError(f"no private directory for a {kind} socket")
         self.endpoint, self.handler, self.on_close, self.log = path, handler, on_close, logger
+        self.refusals = cli.Throttled(logger)
         self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.server.bind(path)
         self.server.listen(64)
@@ -164,8 +171,14 @@ class Listener:
         try:
             conn, _ = self.server.accept()
         except OSError as exc:  # EMFILE: the connection waits; do not spin on it
-            self.log.warning("%s cannot accept a connection: %s", self.endpoint, exc)
+            self.refusals.warning("%s cannot accept a connection: %s", self.endpoint, exc)
             time.sleep(0.1)
+            return
+        uid = local.peer_uid(conn)
+        if uid != os.getuid():
+            self.refusals.warning("%s: refused a connection from uid %d (not this user)",
+                                  self.endpoint, uid)
+            conn.close()
             return
         conn.setblocking(False)
         self.sel.register(conn, selectors.EVENT_READ, [Decoder(), None])
@@ -226,12 +239,18 @@ class Listener:
 
 
 def connect(endpoint: str, me: str, timeout: Optional[float]) -> socket.socket:
-    """A connection to a listener, introduced as ``me``; sends wait at most ``timeout``
-    seconds (0: never)."""
+    """A connection to a listener of this user, introduced as ``me``; sends wait at most
+    ``timeout`` seconds (0: never). Raises Untrusted if it is not ours."""
+    if not local.trusted(endpoint):
+        raise Untrusted(f"{endpoint} is not a socket in a private directory of this user")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         sock.connect(endpoint)
+        uid = local.peer_uid(sock)
+        if uid != os.getuid():
+            raise Untrusted(f"the process listening at {endpoint} runs as uid {uid}, "
+                            f"not as this user")
         send(sock, [HELLO_TAG, me.encode()])
     except OSError:
         sock.close()

@@ -38,7 +38,7 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from . import address, cli, local, security
 from . import protocol as P
 from .errors import CwError, ProtocolError
-from .scheduler import Client, Scheduler, Worker, died_entry
+from .scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker, died_entry
 from .throughput import SAMPLE_INTERVAL, Throughput
 from .zloop import SocketLoop
 
@@ -53,6 +53,10 @@ WORKER_CLOSE_GRACE = 2.0   # the same for a worker: its supervisor's DIED, namin
 #                            ended, normally comes first
 DIED_SETTLE = 0.1          # seconds a DIED waits for the dead worker's last messages, which
 #                            came on other connections and may still be queued here
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may take to say who it is
+SNDHWM = 64    # messages queued to one peer; then sends say EAGAIN (ROUTER_MANDATORY) and
+               # the scheduler keeps what it could not send (back-pressure, no drops)
+RCVHWM = 256   # messages read ahead from one peer; then zmq stops reading its connection
 
 
 class Master:
@@ -64,8 +68,12 @@ class Master:
                  connection_file: Optional[str] = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  insecure: bool = False, local_socket: bool = True,
-                 dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1"):
+                 dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1",
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 max_function_bytes: int = MAX_FUNCTION_BYTES):
         self.bind_host = host
+        self.handshake_timeout = handshake_timeout
+        self.refusals = cli.Throttled(log)
         self.port = port
         self.heartbeat_interval = heartbeat_interval
         self.extra_connection_file = connection_file
@@ -74,14 +82,17 @@ class Master:
         self.local_socket = local_socket
         self.local_endpoint: Optional[str] = None
         self.local_sock: Optional[zmq.Socket] = None
+        self.local_check: Optional[local.PeerCheck] = None
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
-        self.monitors: list[zmq.Socket] = []        # connection events of each ROUTER
+        self.monitors: list[tuple[zmq.Socket, Callable]] = []  # each ROUTER's connection
+        #                                         events, and what handles them
         self.fd_of: dict[bytes, int] = {}           # peer -> its connection's descriptor
         self.peer_at: dict[int, bytes] = {}         # ... and back
         self.unbound: set[bytes] = set()            # reconnected: descriptor not known yet
         self.keys: Optional[dict] = None
         self.auth = None
-        self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket)
+        self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
+                               max_function_bytes=max_function_bytes)
         self.ctx = zmq.Context()
         self.sock: Optional[zmq.Socket] = None
         self.loop: Optional[IOLoop] = None
@@ -108,8 +119,9 @@ class Master:
         sock.bind(f"tcp://{host}:{self.port or '*'}")
         self.port = int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
         self.sock = sock
-        self._monitor(sock, zmq.EVENT_DISCONNECTED |
-                      (security.HANDSHAKE_FAILURES if self.keys is not None else 0))
+        self.monitors.append((sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | (security.HANDSHAKE_FAILURES if self.keys else 0)),
+            self._on_monitor))
         self.address = f"{reachable}:{self.port}"
         if self.local_socket:
             self._bind_local()
@@ -119,8 +131,9 @@ class Master:
     def _router(self) -> zmq.Socket:
         sock = self.ctx.socket(zmq.ROUTER)
         for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.ROUTER_HANDOVER, 1),
-                           (zmq.SNDHWM, 0), (zmq.RCVHWM, 0), (zmq.LINGER, 0),
-                           (zmq.MAXMSGSIZE, self.max_message_size)):
+                           (zmq.SNDHWM, SNDHWM), (zmq.RCVHWM, RCVHWM), (zmq.LINGER, 0),
+                           (zmq.MAXMSGSIZE, self.max_message_size),
+                           (zmq.HANDSHAKE_IVL, int(self.handshake_timeout * 1000))):
             sock.setsockopt(opt, value)
         return sock
 
@@ -130,17 +143,26 @@ class Master:
         if endpoint is None:
             return
         sock = self._router()
+        check = local.PeerCheck(sock, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
             log.warning("no local socket: cannot bind %s (%s)", endpoint, exc)
+            check.close()
             sock.close(linger=0)
             return
-        self.local_sock, self.local_endpoint = sock, endpoint
-        self._monitor(sock, zmq.EVENT_DISCONNECTED)
+        self.local_sock, self.local_endpoint, self.local_check = sock, endpoint, check
+        self.monitors.append((check.monitor, self._on_local_monitor))
 
-    def _monitor(self, sock: zmq.Socket, events: int) -> None:
-        self.monitors.append(sock.get_monitor_socket(events))
+    def _on_local_monitor(self, frames: list) -> None:
+        """A connection to the local socket: cut it off unless it is this user's; one that
+        closed may be a peer gone."""
+        event = parse_monitor_message([f.bytes for f in frames])
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            return self._closed(int(event["value"]))
+        uid = self.local_check.stranger(frames, shut=True)
+        if uid is not None:
+            log.warning("cut off a connection from uid %d to the local socket", uid)
 
     def _secure(self, sock: zmq.Socket, reachable: str) -> None:
         """CURVE keys and the ZAP handler, or a loud warning with --insecure."""
@@ -155,7 +177,7 @@ class Master:
             (security.new_keys(), "new keys")
         log.log(logging.WARNING if "leaked" in source else logging.INFO, "CurveZMQ with %s",
                 source)
-        self.auth = security.start_authenticator(self.ctx, self.keys, log)
+        self.auth = security.start_authenticator(self.ctx, self.keys, cli.Throttled(log))
         security.secure_server(sock, self.keys)
 
     def _on_monitor(self, frames: list) -> None:
@@ -163,18 +185,18 @@ class Master:
         if event["event"] == zmq.EVENT_DISCONNECTED:
             self._closed(int(event["value"]))
         else:
-            log.warning("%s", security.describe_event(event))
+            self.refusals.warning("%s", security.describe_event(event))
 
     def _drain_monitors(self) -> None:
         """Handle every connection event already reported (before binding a descriptor to a
         peer: the close of the descriptor's previous owner must not count for the new one)."""
-        for monitor in self.monitors:
+        for monitor, handle in self.monitors:
             while True:
                 try:
                     frames = monitor.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-                self._on_monitor(frames)
+                handle(frames)
 
     def _bind_fd(self, ident: bytes, frame: zmq.Frame) -> None:
         """Learn which connection a peer talks on, from a message it sent on it."""
@@ -199,7 +221,7 @@ class Master:
         state = self.state
         if state.peer(ident) is None or ident in self.fd_of:
             return  # gone already (DIED, BYE), or registered again on a new connection
-        if self._send(ident, [P.pack(P.HEARTBEAT, len(state.workers))]):
+        if self._send(ident, [P.pack(P.HEARTBEAT, len(state.workers))]) is not False:
             log.info("%s reconnected after its connection closed", self._name(ident))
             self.unbound.add(ident)  # its next message tells the new descriptor
             return
@@ -235,8 +257,8 @@ class Master:
         self.readers = [SocketLoop(self.loop, sock, partial(self.on_message, sock=sock),
                                    self.state.flush)
                         for sock in (self.sock, self.local_sock) if sock is not None]
-        self.monitor_readers = [SocketLoop(self.loop, monitor, self._on_monitor, lambda: None)
-                                for monitor in self.monitors]
+        self.monitor_readers = [SocketLoop(self.loop, monitor, handle, lambda: None)
+                                for monitor, handle in self.monitors]
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
         ticker.start()
         self.sample()
@@ -276,7 +298,7 @@ class Master:
             for sock in (self.sock, self.local_sock):
                 if sock is not None:
                     sock.disable_monitor()
-            for monitor in self.monitors:
+            for monitor, _ in self.monitors:
                 monitor.close(linger=0)
             if self.local_sock is not None:
                 self.local_sock.close(linger=0)
@@ -313,12 +335,16 @@ class Master:
                 log.warning("cannot write connection file %s: %s", path, exc)
 
     # ---------------------------------------------------------------- traffic
-    def _send(self, ident: bytes, frames: list, sock: Optional[zmq.Socket] = None) -> bool:
-        """Send to a peer: on ``sock``, else on the socket it registered on."""
+    def _send(self, ident: bytes, frames: list,
+              sock: Optional[zmq.Socket] = None) -> Optional[bool]:
+        """Send to a peer: on ``sock``, else on the socket it registered on. True: sent;
+        None: its queue is full (it does not read), send again later; False: it is gone."""
         try:
-            (sock or self.routes.get(ident, self.sock)).send_multipart([ident, *frames],
-                                                                       copy=False)
+            (sock or self.routes.get(ident, self.sock)).send_multipart(
+                [ident, *frames], zmq.NOBLOCK, copy=False)
             return True
+        except zmq.Again:
+            return None
         except zmq.ZMQError as exc:  # EHOSTUNREACH: that peer is gone
             log.debug("cannot send to %s: %s", ident.hex()[:8], exc)
             return False
@@ -462,6 +488,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     cli.add_flag(parser, "--max-message-size", default=DEFAULT_MAX_MESSAGE_SIZE, cast=int,
                  help="largest message frame accepted, in bytes; a peer sending more is "
                       "disconnected")
+    cli.add_flag(parser, "--handshake-timeout", default=DEFAULT_HANDSHAKE_TIMEOUT, cast=float,
+                 help="seconds a new connection gets to complete its CurveZMQ handshake "
+                      "before it is closed (idle strangers cannot hold descriptors)")
+    cli.add_flag(parser, "--max-function-bytes", default=MAX_FUNCTION_BYTES, cast=int,
+                 help="bytes of pickled functions the master keeps per client; jobs of "
+                      "functions past it fail with QuotaExceeded")
     cli.add_flag(parser, "--insecure", default=False, action="store_true",
                  help="plain TCP without CurveZMQ keys, for experiments; only with a "
                       "loopback --host")
@@ -481,11 +513,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
+    cli.raise_fd_limit()
     cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
     master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
                     args.connection_file, args.max_message_size, args.insecure,
                     local_socket=not args.no_local_socket,
-                    dashboard_port=args.dashboard, dashboard_host=args.dashboard_host)
+                    dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
+                    handshake_timeout=args.handshake_timeout,
+                    max_function_bytes=args.max_function_bytes)
     master.bind()
     try:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))

@@ -42,6 +42,7 @@ from .zloop import SocketLoop
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 KEYS_POLL = 0.2  # seconds between looks for a master's connection file
+LOCAL_RECONNECT_MS = 30_000  # zmq's own reconnect on the local socket (we redial first)
 
 
 def peer_info(**extra) -> dict:
@@ -86,6 +87,7 @@ class Connection:
         self._ready = threading.Event()
         self._closing = False
         self._said_hello = time.monotonic()
+        self._redialed = 0.0
 
     @property
     def endpoint(self) -> str:
@@ -162,11 +164,28 @@ class Connection:
     # ---------------------------------------------------------------- I/O thread
     def send(self, frames: list) -> None:
         """Send a message to the master (I/O thread only)."""
-        try:
-            self.sock.send_multipart(frames, copy=False)
+        if self.check is not None and not self._stranger() and self.check.ended:
+            self._redial()  # the local connection is over (the master stopped)
+        try:  # never blocks: a socket without a peer says EAGAIN (see _connect)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            if self._redial():
+                self.send(frames)
+            else:
+                self.log.debug("no connection to the master; a message was not sent")
         except zmq.ZMQError as exc:
             self.log.warning("cannot send to the master: %s", exc)
         self.reader.kick()
+
+    def _redial(self) -> bool:
+        """Our socket has no peer (its local connection ended, or a handshake failed): dial
+        again as the connection file says now, at most once per heartbeat interval."""
+        now = time.monotonic()
+        if now - self._redialed < self.heartbeat_interval:
+            return False
+        self._redialed = now
+        self._switch(security.route_for(self.host, self.port))
+        return True
 
     def listen(self, kind: str, handler: Callable[[list], None],
                on_close: Callable[[str], None] = lambda peer: None) -> Optional[str]:
@@ -189,30 +208,52 @@ class Connection:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         self.loop = IOLoop(make_current=False)
         self.ctx = zmq.Context()
-        self.sock = self._connect()
+        self.sock, self.check = self._connect()
         self.loop.add_callback(self._begin)
         self._ready.set()
         try:
             self.loop.start()
         finally:  # linger only to deliver BYE to a master that knows us
             self._stop_listening()
+            if self.check is not None:
+                self.check.close()
             self.sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
             self.loop.close(all_fds=False)
 
     def _connect(self, identity: Optional[bytes] = None, rcvhwm: int = 0,
-                 route: Optional[security.Route] = None) -> zmq.Socket:
+                 route: Optional[security.Route] = None
+                 ) -> tuple[zmq.Socket, Optional[local.PeerCheck]]:
         """A DEALER to the master (``identity``: ours unless an alias's; ``route``: ours
-        unless the alias needs another)."""
+        unless the alias needs another), and on the local socket the check of who is at
+        the other end of the connection it makes."""
         route = route or self.route
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
+        ipc = route.endpoint.startswith("ipc://")
+        # on the local socket zmq must not reconnect by itself before we do: what it queued
+        # meanwhile would go to whoever then holds the path; we dial again, checking it, at
+        # the next send (_redial). Not -1 (never): libzmq 4.3 then drops the connection's
+        # pipe, and one dropped while a message is being read aborts (fq.cpp: !_more).
         for opt, value in ((zmq.SNDHWM, 0), (zmq.RCVHWM, rcvhwm), (zmq.LINGER, 2000),
-                           (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 2000)):
+                           (zmq.RECONNECT_IVL, LOCAL_RECONNECT_MS if ipc else 100),
+                           (zmq.RECONNECT_IVL_MAX, LOCAL_RECONNECT_MS if ipc else 2000)):
             sock.setsockopt(opt, value)
         security.secure_client(sock, route.keys)
+        check = local.PeerCheck(sock) if ipc else None
         sock.connect(route.endpoint)
-        return sock
+        return sock, check
+
+    def _stranger(self) -> bool:
+        """True (and we switch to TCP) if another user answers on the local socket."""
+        uids = self.check.strangers() if self.check is not None else ()
+        if not uids:
+            return False
+        self.log.error("uid %d answers on the local socket %s, not this user: someone else "
+                       "took the master's path; leaving it", uids[0], self.endpoint)
+        self._switch(security.route_for(self.host, self.port))  # it is not trusted now
+        self._hello()
+        return True
 
     def _begin(self) -> None:
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
@@ -228,10 +269,16 @@ class Connection:
             return
         self.log.info("the master's connection file changed; reconnecting to %s",
                       route.endpoint)
+        self._switch(route)
+
+    def _switch(self, route: security.Route) -> None:
+        """Dial the master by ``route`` from now on, on a new socket."""
         self.route = route
         self.reader.close()
+        if self.check is not None:
+            self.check.close()
         self.sock.close(linger=0)
-        self.sock = self._connect()
+        self.sock, self.check = self._connect()
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
 
     def _hello(self) -> None:
@@ -260,6 +307,8 @@ class Connection:
             self.send([P.pack(P.HEARTBEAT)])
 
     def _on_message(self, frames: list) -> None:
+        if self.check is not None and self._stranger():
+            return  # never read what a stranger sent
         self.last_heard = time.monotonic()
         try:
             header = P.unpack(frames[0])
@@ -332,27 +381,44 @@ class Alias:
     def __init__(self, conn: Connection):
         self.conn = conn
         self.sock: Optional[zmq.Socket] = None
+        self.check: Optional[local.PeerCheck] = None
         self.route: Optional[security.Route] = None
 
     def send(self, frames: list) -> None:
         if self.sock is None or self.route is not self.conn.route:
             self._open()
+        elif self.check is not None and self.check.strangers():
+            self.conn.log.error("another user answers on the local socket; sending by TCP")
+            self._open(tcp=True)
+        elif self.check is not None and self.check.ended:
+            self._open()  # the local connection is over: dial again, checking the path
         try:
-            self.sock.send_multipart(frames, copy=False)
+            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:  # no peer (the local connection ended): dial again, checking it
+            self._open()
+            try:
+                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                self.conn.log.warning("cannot send to the master: %s", exc)
         except zmq.ZMQError as exc:
             self.conn.log.warning("cannot send to the master: %s", exc)
 
     def close(self, linger: int = 2000) -> None:
+        if self.check is not None:
+            self.check.close()
+            self.check = None
         if self.sock is not None:
             self.sock.close(linger=linger)
             self.sock = None
 
-    def _open(self) -> None:
-        """Connect as our peer did, unless its local socket has gone since (a tmp cleaner):
-        a socket file that is not there would take our messages and never deliver them.
-        The master maps an alias to its peer whatever socket either came in on."""
+    def _open(self, tcp: bool = False) -> None:
+        """Connect as our peer did, unless its local socket has gone since (a tmp cleaner)
+        or is not ours: a socket file that is not there would take our messages and never
+        deliver them. The master maps an alias to its peer whatever socket either came in
+        on."""
         self.close(linger=0)
         self.route = route = self.conn.route
-        if route.endpoint.startswith("ipc://") and not local.present(route.endpoint):
+        if route.endpoint.startswith("ipc://") and (tcp or not local.present(route.endpoint)):
             route = self.conn._find_route(allow_local=False) or route
-        self.sock = self.conn._connect(self.conn.info["alias"], rcvhwm=1, route=route)
+        self.sock, self.check = self.conn._connect(self.conn.info["alias"], rcvhwm=1,
+                                                   route=route)

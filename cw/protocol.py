@@ -90,6 +90,16 @@ STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
 
 ROLES = ("client", "worker", "supervisor", "status")
 
+# a client's byte window: argument bytes it keeps at the master (cw.session holds back the
+# rest); the master enforces twice that (cw.scheduler), so only a client gone rogue meets it
+WINDOW_PER_WORKER = 24 << 20   # per worker connected to the master
+WINDOW_MIN = 32 << 20
+
+
+def window(workers: int) -> int:
+    """The argument bytes a client may keep at a master with ``workers`` workers."""
+    return max(WINDOW_MIN, WINDOW_PER_WORKER * workers)
+
 # job outcome codes in RESULTS
 OK = 0       # frames: pickled result, out-of-band buffers...
 ERROR = 1    # frames: pickled exception (may be empty), traceback text

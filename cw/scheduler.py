@@ -32,8 +32,22 @@ master cannot always tell which held job killed it. Every job a dead worker held
 *suspect*; a suspect is re-run alone on an idle worker, where a death is charged to it
 exactly. Innocent jobs are never charged; the guilty one fails after max_retries deaths.
 
+Bounds (a client gone rogue must not grow the master without limit):
+  - argument bytes: a client's live jobs at the master hold at most twice its byte window
+    (``P.window`` of the most workers seen in the last heartbeat timeout; one job always
+    fits, as in cw.session). A SUBMIT past it fails those jobs with QuotaExceeded; cw's own
+    client never sends past its window, and what the master holds is never more than what
+    the client counts as in flight.
+  - functions: at most ``max_functions`` and ``max_function_bytes`` stored per client; jobs
+    of a function refused for that fail with QuotaExceeded.
+  - results: sent in messages of about RESULT_MESSAGE bytes. When a client's queue at the
+    socket is full (it stopped reading), ``send`` says so (None) and its results wait in its
+    outbox; while that holds more than RESULT_BACKLOG bytes, its queued jobs are parked
+    (kept, not dispatched), so no more results are made for it. Nothing is dropped.
+
 The master's event loop (cw.master) owns the only Scheduler and calls it from one thread.
-Everything sent goes through ``send(ident, frames)``, which returns False if the peer is gone.
+Everything sent goes through ``send(ident, frames)``, which returns True once sent, False if
+the peer is gone, and None if its queue is full (send it again later).
 """
 from __future__ import annotations
 
@@ -46,7 +60,7 @@ from collections import deque
 from typing import Callable, Optional
 
 from . import protocol as P
-from .errors import ProtocolError, WorkerLost
+from .errors import ProtocolError, QuotaExceeded, WorkerLost
 from .lane import is_endpoint
 from .serialize import dumps
 
@@ -57,13 +71,18 @@ PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measure
 MIN_HOLD = 2               # the running job and one prefetched, whatever the job time
 MIN_BATCH = 8              # fewest jobs per JOBS message while the queue allows it
 LANE_MEMORY = 64           # lane jobs done a worker's late LANE_BUSY may still name
+QUOTA_WINDOWS = 2          # a client's argument bytes at the master: this many byte windows
+MAX_FUNCTIONS = 100_000    # functions stored per client
+MAX_FUNCTION_BYTES = 1 << 30  # bytes of functions stored per client
+RESULT_MESSAGE = 1 << 20   # results bytes per RESULTS message (a larger result goes alone)
+RESULT_BACKLOG = 32 << 20  # unsent result bytes past which a client's jobs are parked
 
 
 class Job:
     """One submitted call, as the master sees it (its payload frames are opaque)."""
 
     __slots__ = ("client", "seq", "digest", "frames", "worker", "started", "cancelled",
-                 "losses", "max_retries", "opts", "suspect")
+                 "losses", "max_retries", "opts", "suspect", "size")
 
     def __init__(self, client: "Client", seq: int, digest: bytes, frames: list, opts):
         self.client = client
@@ -78,6 +97,7 @@ class Job:
         # while running it (a lane job's come from its client)
         self.suspect = bool(self.losses)  # held by a worker that died: runs alone from now on
         self.max_retries = (opts or {}).get("max_retries", DEFAULT_MAX_RETRIES)
+        self.size = 0               # argument bytes counted in its client's quota
 
 
 class Peer:
@@ -103,7 +123,11 @@ class Client(Peer):
         self.cwd = str(info.get("cwd", ""))
         self.path = [str(p) for p in info.get("path", [])]
         self.functions: dict[bytes, object] = {}  # digest -> function frame
+        self.function_bytes = 0
+        self.functions_refused = False             # the store was full once
         self.jobs: dict[int, Job] = {}             # seq -> job queued or assigned
+        self.arg_bytes = 0                         # argument bytes of its live jobs here
+        self.parked: list[Job] = []                # queued jobs held back: results unsent
         self.submitted = 0
         self.done = 0
         self.inbox = bool(info.get("inbox"))   # it can take lane results (False once a
@@ -114,6 +138,12 @@ class Client(Peer):
         self.out_done: list[list] = []
         self.out_frames: list = []
         self.out_cancelled: list[list] = []
+        self.out_bytes = 0     # bytes in out_frames
+        self.full = False      # its socket queue did not take our last message
+
+    def backlogged(self) -> bool:
+        """Too many result bytes wait for it to read: make no more for now."""
+        return self.full and self.out_bytes > RESULT_BACKLOG
 
 
 class Worker(Peer):
@@ -173,9 +203,15 @@ class Worker(Peer):
 class Scheduler:
     """All routing state of one master. Not thread-safe: one owner calls it."""
 
-    def __init__(self, send: Callable[[bytes, list], bool], heartbeat_timeout: float = 10.0,
-                 lanes: bool = True):
+    def __init__(self, send: Callable[[bytes, list], Optional[bool]],
+                 heartbeat_timeout: float = 10.0, lanes: bool = True,
+                 max_functions: int = MAX_FUNCTIONS,
+                 max_function_bytes: int = MAX_FUNCTION_BYTES):
         self.send = send
+        self.max_functions = max_functions
+        self.max_function_bytes = max_function_bytes
+        self._counts: deque[tuple[float, int]] = deque()  # (time, workers) at recent ticks
+        self.peak_workers = 0      # most workers in the last heartbeat timeout
         self.heartbeat_timeout = heartbeat_timeout
         self.lanes = lanes         # grant lanes to clients (off with --no-local-socket)
         self.master_id = uuid.uuid4().hex
@@ -193,6 +229,7 @@ class Scheduler:
         self._next_cid = random.randrange(1, 1 << 40)
         self._dirty: dict[bytes, Client] = {}  # clients with news to flush
         self._cancelling: dict[bytes, Worker] = {}  # workers with cancel requests to send
+        self._full: dict[bytes, Client] = {}  # clients whose socket queue was full
         self._went_idle = False  # a worker emptied since the last steal check
 
     # ---------------------------------------------------------------- peers
@@ -210,6 +247,7 @@ class Scheduler:
         if role == "worker":
             peer: Peer = Worker(ident, info, now)
             self.workers[ident] = peer
+            self.peak_workers = max(self.peak_workers, len(self.workers))
         elif role == "client":
             peer = Client(ident, info, now, self._next_cid)
             self._next_cid += 1
@@ -260,6 +298,8 @@ class Scheduler:
                 worker.lane_job = None  # its note may never come: feed that worker again
                 self._went_idle = True
         self._dirty.pop(client.ident, None)
+        self._full.pop(client.ident, None)
+        client.parked.clear()
         dropped = 0
         for job in client.jobs.values():
             if job.worker is None:
@@ -313,6 +353,15 @@ class Scheduler:
         for ident in silent:
             self.peer_gone(ident, f"silent for more than {self.heartbeat_timeout:g} s: "
                                   f"node lost or hung?")
+        counts = self._counts
+        counts.append((now, len(self.workers)))
+        while counts[0][0] < deadline:
+            counts.popleft()
+        self.peak_workers = max(n for _, n in counts)
+
+    def quota(self) -> int:
+        """Most argument bytes a client may keep here (see the module docstring)."""
+        return QUOTA_WINDOWS * P.window(max(self.peak_workers, len(self.workers)))
 
     # ---------------------------------------------------------------- clients
     def submit(self, client: Client, fns: list, jobs: list, frames: list) -> None:
@@ -324,8 +373,9 @@ class Scheduler:
         if need != len(frames):
             raise ProtocolError(f"SUBMIT lists {need} frames but carries {len(frames)}")
         for digest, frame in zip(fns, frames):
-            client.functions[_digest(digest)] = frame
+            self._store_function(client, _digest(digest), frame)
         pos = len(fns)
+        quota = self.quota()
         for seq, digest, n, opts in entries:
             job = Job(client, seq, digest, frames[pos:pos + n], opts)
             pos += n
@@ -333,12 +383,42 @@ class Scheduler:
                 continue  # resubmitted while still live: keep the first
             client.jobs[seq] = job
             if digest not in client.functions:  # fail that job, loudly, never silently
-                self._fail(job, ProtocolError(f"job {seq} names a function the master "
-                                              f"was never sent"))
+                self._fail(job, self._unknown_function(client, seq))
                 continue
+            size = sum(len(f) for f in job.frames)
+            if client.arg_bytes and client.arg_bytes + size > quota:
+                self._fail(job, QuotaExceeded(
+                    f"job {seq} refused: its client keeps {client.arg_bytes} argument bytes "
+                    f"at the master already, and may keep {quota} (twice its byte window)"))
+                continue
+            job.size = size
+            client.arg_bytes += size
             self.queue.append(job)
             self.queued += 1
             client.submitted += 1
+
+    def _store_function(self, client: Client, digest: bytes, frame) -> None:
+        """Keep a client's function, unless its store is full (then its jobs fail)."""
+        if digest in client.functions:
+            return
+        size = len(frame)
+        if len(client.functions) >= self.max_functions or \
+                client.function_bytes + size > self.max_function_bytes:
+            if not client.functions_refused:
+                log.warning("client %s has %d functions (%d bytes) here; refusing more",
+                            client.name, len(client.functions), client.function_bytes)
+            client.functions_refused = True
+            return
+        client.functions[digest] = frame
+        client.function_bytes += size
+
+    def _unknown_function(self, client: Client, seq: int) -> Exception:
+        if client.functions_refused:
+            return QuotaExceeded(
+                f"job {seq} refused: the master stores at most {self.max_functions} functions "
+                f"and {self.max_function_bytes} bytes of them per client, and its function "
+                f"did not fit")
+        return ProtocolError(f"job {seq} names a function the master was never sent")
 
     def cancel(self, client: Client, seqs: list, queued_only: bool = False) -> None:
         """Cancel jobs not yet started; workers are asked about jobs they hold.
@@ -356,6 +436,7 @@ class Scheduler:
                 job.cancelled = True
                 self.queued -= 1
                 del client.jobs[seq]
+                client.arg_bytes -= job.size
                 client.out_cancelled.append([seq, True])
             else:
                 self._ask_cancel(job.worker, client.cid, seq)
@@ -440,6 +521,7 @@ class Scheduler:
             return
         client.out_done.append([seq, status, len(frames)])
         client.out_frames.extend(frames)
+        client.out_bytes += sum(len(f) for f in frames)
         self._dirty[client.ident] = client
 
     def lane_refused(self, worker: Worker, cid: int) -> None:
@@ -502,7 +584,8 @@ class Scheduler:
                 continue
             if ok:  # dropped unstarted: the worker no longer holds it, whoever asked
                 del worker.assigned[(cid, seq)]
-                job.client.jobs.pop(seq, None)
+                if job.client.jobs.pop(seq, None) is job:
+                    job.client.arg_bytes -= job.size
                 worker.isolated = worker.isolated and bool(worker.assigned)
             client = self.by_cid.get(cid)
             if client is not None:
@@ -547,10 +630,12 @@ class Scheduler:
         client = job.client
         if client.jobs.pop(job.seq, None) is None or client.ident not in self.clients:
             return  # the client left or the job was settled: never deliver elsewhere
+        client.arg_bytes -= job.size
         client.done += 1
         self.routed += 1
         client.out_done.append([job.seq, status, len(payload)])
         client.out_frames.extend(payload)
+        client.out_bytes += sum(len(f) for f in payload)
         self._dirty[client.ident] = client
 
     def _fail(self, job: Job, error: Exception) -> None:
@@ -572,19 +657,35 @@ class Scheduler:
             if entries and worker.ident in self.workers:
                 self.send(worker.ident, [P.pack(P.CANCEL, entries)])
         dirty, self._dirty = self._dirty, {}
+        if self._full:  # try again those that could not take more last time
+            dirty.update(self._full)
+            self._full = {}
         for client in dirty.values():
             self._flush_client(client)
 
     def _flush_client(self, client: Client) -> None:
-        if client.out_started or client.out_done:
-            header = P.pack(P.RESULTS, client.out_started, client.out_done)
-            frames = [header, *client.out_frames]
-            client.out_started, client.out_done, client.out_frames = [], [], []
-            self.send(client.ident, frames)
+        """Send a client's news in messages of about RESULT_MESSAGE bytes; what its full
+        queue does not take waits here (``_full``) for the next flush."""
+        while client.out_started or client.out_done:
+            n, nframes, size = _chunk(client)
+            header = P.pack(P.RESULTS, client.out_started, client.out_done[:n])
+            if self.send(client.ident, [header, *client.out_frames[:nframes]]) is None:
+                client.full = True
+                self._full[client.ident] = client
+                return
+            client.full = False
+            client.out_started = []
+            del client.out_done[:n], client.out_frames[:nframes]
+            client.out_bytes -= size
+        if client.parked:  # it reads again: what was held back goes first
+            self.queue.extendleft(reversed(client.parked))
+            client.parked = []
         if client.out_cancelled:
             header = P.pack(P.CANCELLED, client.out_cancelled)
+            if self.send(client.ident, [header]) is None:
+                self._full[client.ident] = client
+                return
             client.out_cancelled = []
-            self.send(client.ident, [header])
 
     def _dispatch(self) -> None:
         """Hand queued jobs to workers with free slots, idle workers first, evenly."""
@@ -613,6 +714,9 @@ class Scheduler:
             queue.popleft()
             if job.cancelled:
                 continue
+            if job.client.backlogged():
+                job.client.parked.append(job)  # still queued; back once it reads
+                continue
             batch.append(job)
             if job.suspect:
                 break
@@ -637,7 +741,8 @@ class Scheduler:
             job.worker = worker
             worker.assigned[(cid, job.seq)] = job
         header = P.pack(P.JOBS, ctxs, fns, entries)
-        if not self.send(worker.ident, [header, *fn_frames, *job_frames]):
+        sent = self.send(worker.ident, [header, *fn_frames, *job_frames])
+        if not sent:
             # the batch never reached it: back to the front of the queue, uncharged and not
             # suspect; what it held before is charged as in any other death
             for job in batch:
@@ -646,6 +751,10 @@ class Scheduler:
             self.queue.extendleft(reversed(batch))
             self.queued += len(batch)
             worker.isolated = False
+            worker.ctxs.difference_update(c[0] for c in ctxs)
+            worker.fns.difference_update((f[0], f[1]) for f in fns)
+            if sent is None:
+                return  # its queue is full: it gets them at a later flush
             # its connection is gone without a goodbye: a death, charged like one
             self.peer_gone(worker.ident, "unreachable: its connection was lost")
             return
@@ -705,6 +814,21 @@ def died_entry(pid, code, lived) -> None:
     if not isinstance(pid, int) or not isinstance(code, int) or not -128 <= code <= 255 \
             or not isinstance(lived, (int, float)) or not lived >= 0:
         raise ProtocolError("DIED needs a pid, an exit code and a lifetime")
+
+
+def _chunk(client: Client) -> tuple[int, int, int]:
+    """``(entries, frames, bytes)`` of the client's next RESULTS message: its outbox if that
+    is small, else the first done entries up to RESULT_MESSAGE bytes (at least one)."""
+    if client.out_bytes <= RESULT_MESSAGE:
+        return len(client.out_done), len(client.out_frames), client.out_bytes
+    n = pos = size = 0
+    for _, _, count in client.out_done:
+        if n and size >= RESULT_MESSAGE:
+            break
+        size += sum(len(f) for f in client.out_frames[pos:pos + count])
+        pos += count
+        n += 1
+    return n, pos, size
 
 
 def _digest(value) -> bytes:

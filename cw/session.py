@@ -60,8 +60,8 @@ log = logging.getLogger("cw.client")
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
 DIGESTS_KEPT = 10_000          # digests remembered as sent; beyond, forgotten (sent again)
-WINDOW_PER_WORKER = 24 << 20   # argument bytes a client keeps at the master, per worker
-WINDOW_MIN = 32 << 20
+WINDOW_PER_WORKER = P.WINDOW_PER_WORKER  # argument bytes a client keeps at the master
+WINDOW_MIN = P.WINDOW_MIN
 LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane
 LANE_MAX_BYTES = 1 << 20       # larger arguments go through the master (zero-copy there)
 
@@ -188,7 +188,7 @@ class Session:
 
     def window(self) -> int:
         """Most argument bytes this client keeps at the master (see the module docstring)."""
-        return max(WINDOW_MIN, WINDOW_PER_WORKER * self.conn.master_workers)
+        return P.window(self.conn.master_workers)
 
     def _fits(self, size: int) -> bool:  # under lock
         return not self.inflight or self.inflight + size <= self.window()

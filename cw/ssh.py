@@ -89,6 +89,8 @@ def parse_hosts(text: str, processes: int = 1) -> list[HostSpec]:
         host, sep, n = rest.partition(":")
         if not host or (sep and not n.isdigit()) or (sep and int(n) < 1):
             raise SshError(f"bad host {item!r}: expected [user@]host[:N] with N >= 1")
+        if host.startswith("-") or user.startswith("-"):  # ssh would take it for an option
+            raise SshError(f"bad host {item!r}: a host or user name cannot start with '-'")
         specs.append(HostSpec(host, int(n) if sep else processes, user or None))
     if not specs:
         raise SshError("no hosts given")
@@ -204,11 +206,20 @@ print(json.dumps(out))
 """
 
 
+def ssh_command(target: str, ssh_port: Optional[int], options: list[str],
+                python: str) -> list[str]:
+    """The ssh command line that runs ``python -`` on ``target``: ``--`` ends ssh's options,
+    so no host name can pass for one."""
+    if target.startswith("-"):
+        raise SshError(f"bad host {target!r}: a host or user name cannot start with '-'")
+    return ["ssh", *SSH_DEFAULTS, *options, *(["-p", str(ssh_port)] if ssh_port else []),
+            "--", target, f"{shlex.quote(python)} -"]
+
+
 def run_remote(target: str, ssh_port: Optional[int], options: list[str], python: str,
                script: str, args: dict, timeout: float = SSH_TIMEOUT) -> dict:
     """Run ``script`` with ``args`` by ``python -`` on ``target``; return its JSON answer."""
-    argv = ["ssh", *SSH_DEFAULTS, *options, *(["-p", str(ssh_port)] if ssh_port else []),
-            target, f"{shlex.quote(python)} -"]
+    argv = ssh_command(target, ssh_port, options, python)
     code = script.replace("ARGS", repr(json.dumps(args)), 1)
     try:
         done = subprocess.run(argv, input=code, capture_output=True, text=True,

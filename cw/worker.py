@@ -776,6 +776,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
+    cli.raise_fd_limit()
     role = "worker" if args.child else "supervisor"
     cli.setup_logging(args.log_level, args.log_file, f"{role} {os.uname().nodename}:{os.getpid()}")
     if args.child:

@@ -53,6 +53,8 @@ class SocketLoop:
         if sock.closed:
             return
         for _ in range(BATCH):
+            if sock.closed:  # a handler closed it (a peer moving to another socket)
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:

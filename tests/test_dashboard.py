@@ -6,12 +6,14 @@
 """
 from __future__ import annotations
 
+import http.client
 import inspect
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import urllib.request
 from html.parser import HTMLParser
@@ -79,6 +81,47 @@ def test_status_json_and_page(dashboard):
     page = get(url).decode()
     assert "<canvas" in page and "status.json" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page), "external assets"
+
+
+def status_for_host(url: str, host: str, path: str = "/status.json") -> int:
+    """The HTTP status of a GET to ``url`` whose Host header says ``host``."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host})
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status
+    finally:
+        conn.close()
+
+
+@needs_flag
+def test_only_local_host_names_are_answered(procs):
+    """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1 sends
+    ``Host: evil.example``; it must not read the dashboard."""
+    master = procs.master("--dashboard", "0")
+    url = wait_for(lambda: (m := re.search(r"dashboard on (http://\S+)", master.stderr()))
+                   and m.group(1), 10, "the dashboard's address in the master's log")
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost", "[::1]:" + port):
+        assert status_for_host(url, host) == 200, host
+        assert status_for_host(url, host, "/") == 200, host
+    for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.evil.example:{port}"):
+        assert status_for_host(url, host) == 403, host
+        assert status_for_host(url, host, "/") == 403, host
+    assert "no authentication" not in master.stderr()
+
+
+@needs_flag
+def test_a_dashboard_off_loopback_warns_and_answers_its_own_names(procs):
+    master = procs.master("--dashboard", "0", "--dashboard-host", "0.0.0.0")
+    url = wait_for(lambda: (m := re.search(r"dashboard on (http://\S+)", master.stderr()))
+                   and m.group(1), 10, "the dashboard's address in the master's log")
+    assert wait_for(lambda: "no authentication" in master.stderr(), 10, "the warning")
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    assert status_for_host(url, f"{socket.gethostname()}:{port}") == 200
+    assert status_for_host(url, f"evil.example:{port}") == 403
 
 
 class Cells(HTMLParser):

@@ -40,7 +40,8 @@ KINDS = [P.HELLO, P.WELCOME, P.REFUSE, P.WHO, P.HEARTBEAT, P.BYE, P.SUBMIT, P.CA
          P.CANCELLED, P.JOBS, P.RESULTS, P.FORGET, P.LANE, P.LANE_LOST, P.LANE_BUSY,
          P.LANE_REFUSED, P.LANE_RESULT, P.LJOB, P.LRESULT, P.LSTARTED, P.BOUNCE, P.STATUS,
          P.STATUS_REPLY, P.DIED]
-NOT_KINDS = {"VERSION", "DEFAULT_PORT", "OK", "ERROR", "FAILED", "MAX_PATH_ENTRY"}
+NOT_KINDS = {"VERSION", "DEFAULT_PORT", "OK", "ERROR", "FAILED", "MAX_PATH_ENTRY",
+             "WINDOW_PER_WORKER", "WINDOW_MIN"}
 huge_ints = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1),
                       st.sampled_from([0, -1, 2 ** 31, 2 ** 63 - 1, 2 ** 64 - 1, -2 ** 63]))
 scalars = st.one_of(st.none(), st.booleans(), huge_ints, st.floats(), st.text(max_size=20),

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
 import socket
 import stat
-import pwd
 
 import pytest
+import zmq
 
-from cw import security
+from cw import lane, security
+from cw import protocol as P
 from cw.client import ClusterExecutor
 
-from conftest import wait_for
+from conftest import gated, wait_for
 
 
 def connection_file(cw_home) -> tuple:
@@ -103,3 +106,137 @@ def test_a_removed_socket_file_means_tcp_for_new_peers(cluster, cw_home):
             assert late._session.conn.endpoint.startswith("tcp://")
             assert late.submit(abs, -6).result(timeout=30) == 6
         assert early.submit(abs, -7).result(timeout=30) == 7
+
+
+# ---------------------------------------------------------------- another user squats
+def squat(ready, folder: str, path: str) -> None:
+    """Another user's fake master at ``path``: a ROUTER in a directory it made, that welcomes
+    whoever says HELLO and records the kinds of what it is sent; a "?" message from anyone
+    gets that record back."""
+    os.mkdir(folder, 0o755)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(f"ipc://{path}")
+    os.chmod(path, 0o777)
+    ready("bound")
+    kinds = []
+    while True:
+        frames = sock.recv_multipart()
+        if frames[1] == b"?":
+            sock.send_multipart([frames[0], P.pack(0, *kinds)])
+            continue
+        try:
+            kind = P.unpack(frames[1])[0]
+        except Exception:
+            continue
+        kinds.append(kind)
+        if kind == P.HELLO:
+            sock.send_multipart([frames[0], P.pack(P.WELCOME, P.VERSION, "f" * 32, {
+                "heartbeat_interval": 0.2, "heartbeat_timeout": 2, "workers": 1})])
+
+
+@pytest.fixture
+def squatted():
+    """``squatted(folder)`` -> folder, removed at teardown (another user will hold it)."""
+    folders = []
+    yield lambda folder: folders.append(folder) or folder
+    for folder in folders:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def squatter_saw(path: str) -> list:
+    """The kinds of the messages the squatter at ``path`` was sent."""
+    with zmq.Context() as ctx, ctx.socket(zmq.DEALER) as sock:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(f"ipc://{path}")
+        sock.send(b"?")
+        assert sock.poll(10000), "the squatter does not answer"
+        return P.unpack(sock.recv())[1:]
+
+
+def local_path(cw_home) -> str:
+    return connection_file(cw_home)[1]["local"]["endpoint"][len("ipc://"):]
+
+
+@pytest.mark.timeout(120)
+def test_a_squatted_socket_directory_is_not_trusted(cluster, procs, cw_home, other_user,
+                                                    squatted):
+    """A tmp cleaner removes the private directory while the master runs; another user makes
+    it again and binds a socket at the master's path. New clients and workers must use TCP
+    with the keys, never that socket; a worker's lane moves to a fresh private directory."""
+    path = local_path(cw_home)
+    folder = squatted(os.path.dirname(path))
+    shutil.rmtree(folder)  # the tmp cleaner
+    assert other_user.start(squat, folder, path).ready() == "bound"
+    worker = procs.workers(cluster, 1)
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        assert ex._session.conn.endpoint.startswith("tcp://")
+        assert list(ex.map(abs, range(-20, 0), timeout=30)) == list(range(20, 0, -1))
+        assert ex._session.inbox and not ex._session.inbox.startswith(folder + "/")
+    assert squatter_saw(path) == []
+    assert "not this user's own" in worker.stderr()
+    assert "using /tmp/cw-" in worker.stderr()  # its lane: a fresh private directory
+
+
+@pytest.mark.timeout(120)
+def test_a_peer_reconnecting_to_a_squatted_path_leaves_it(procs, cw_home, other_user,
+                                                          squatted):
+    """The master restarts after a tmp cleaner removed its directory, and another user has
+    bound a fake master at the old path: the client and the worker, which were connected
+    there, dial again only after checking the path (zmq must not reconnect by itself), and
+    reach the real master (its fresh private directory); the fake one gets nothing."""
+    master = procs.master()
+    procs.workers(master, 1)
+    path = local_path(cw_home)
+    folder = squatted(os.path.dirname(path))
+    gate = str(cw_home / "gate")
+    with ClusterExecutor(master.host, master.port) as ex:
+        assert ex._session.conn.endpoint == f"ipc://{path}"
+        future = ex.submit(gated, gate, 7)
+        wait_for(lambda: master.status()["workers"][0]["state"] == "busy", 10, "the job")
+        master.stop()
+        shutil.rmtree(folder, ignore_errors=True)  # the tmp cleaner
+        assert other_user.start(squat, folder, path).ready() == "bound"
+        again = procs.master(port=master.port)
+        fresh = local_path(cw_home)
+        assert not fresh.startswith(folder + "/") and security.local.trusted(fresh)
+        open(gate, "w").close()
+        assert future.result(timeout=60) == 7
+        assert ex.submit(abs, -3).result(timeout=30) == 3
+        assert ex._session.conn.endpoint != f"ipc://{path}"
+        assert again.wait_workers(1)
+    # it welcomes everyone: a client that believed it would resubmit its job there
+    assert squatter_saw(path) == []
+
+
+def test_a_lane_listener_cuts_off_another_user(cluster, cw_home, other_user):
+    """Even if another user reaches a lane socket (a loosened directory), the listener closes
+    the connection at once (SO_PEERCRED) and reads nothing from it."""
+    with ClusterExecutor(cluster.host, cluster.port) as ex:
+        assert ex.submit(abs, -1).result(timeout=30) == 1
+        inbox = ex._session.inbox
+        folder = os.path.dirname(inbox)
+        mode = os.stat(folder).st_mode & 0o777
+        os.chmod(folder, 0o711)
+        os.chmod(inbox, 0o777)
+        try:
+            got = other_user.run(talk_to, inbox)
+        finally:
+            os.chmod(folder, mode)
+        assert got == b"", "the inbox kept a stranger's connection open"
+        assert ex.submit(abs, -2).result(timeout=30) == 2
+
+
+def talk_to(path: str) -> bytes:
+    """Connect, send a lane message, and return what comes back before the end (b"")."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(path)
+    try:
+        sock.sendall(b"".join(lane.encode([lane.HELLO_TAG, b"/x"])))
+    except OSError:
+        return b""
+    try:
+        return sock.recv(100)
+    except ConnectionResetError:
+        return b""

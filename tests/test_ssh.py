@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cw.client import ClusterExecutor
-from cw.ssh import HostSpec, SshError, parse_hosts, parse_ports, ssh_options
+from cw.ssh import HostSpec, SshError, parse_hosts, parse_ports, ssh_command, ssh_options
 
 from conftest import ROOT, wait_for
 
@@ -39,6 +39,32 @@ def test_host_and_port_syntax():
         parse_ports(["nowhere=22"], [HostSpec("cl-1")])
     assert ssh_options(["StrictHostKeyChecking=no", "-i /k -v"]) == \
         ["-o", "StrictHostKeyChecking=no", "-i", "/k", "-v"]
+
+
+@pytest.mark.parametrize("hosts", ["-oProxyCommand=touch MARK", "ok:2,-oProxyCommand=touch MARK",
+                                   "-oProxyCommand=touch MARK@host"])
+def test_a_host_name_cannot_pass_for_an_ssh_option(tmp_path, hosts):
+    """``--hosts=-o...`` would give ssh an option (ProxyCommand runs a command): refused
+    with a clear error before any ssh runs."""
+    mark, shim = tmp_path / "ssh-ran", tmp_path / "bin"
+    shim.mkdir()
+    (shim / "ssh").write_text(f"#!/bin/sh\ntouch {mark}\nexit 255\n")
+    (shim / "ssh").chmod(0o755)
+    done = subprocess.run([sys.executable, "-m", "cw.ssh", "start", "--master", "127.0.0.1:9",
+                           f"--hosts={hosts.replace('MARK', str(mark))}"],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"})
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "cannot start with '-'" in done.stderr
+    assert not mark.exists(), "ssh ran"
+
+
+def test_the_destination_comes_after_the_end_of_ssh_options():
+    argv = ssh_command("alice@cl-1", 2222, ["-o", "LogLevel=ERROR"], "python3")
+    assert argv[argv.index("--") + 1:] == ["alice@cl-1", "python3 -"]
+    assert argv.index("-p") < argv.index("--")
+    with pytest.raises(SshError, match="cannot start with"):
+        ssh_command("-oProxyCommand=x", None, [], "python3")
 
 
 def free_port() -> int:
