@@ -174,10 +174,10 @@ class Host:
 
     def cut(self) -> None:
         """Take the host off the bridge: its packets vanish (no RST, no ICMP from peers)."""
-        _ip("link", "set", self.name, "down", ns=self.rig.bridge_ns)
+        _ip("link", "set", self.name, "nomaster", ns=self.rig.bridge_ns)
 
     def restore(self) -> None:
-        _ip("link", "set", self.name, "up", ns=self.rig.bridge_ns)
+        _ip("link", "set", self.name, "master", "br0", ns=self.rig.bridge_ns)
 
     def pids(self) -> list[int]:
         """Every process inside this host's network namespace."""
