@@ -64,14 +64,14 @@ class HostProc:
     """A process on a host, in its own process group; its stderr goes to a log file."""
 
     def __init__(self, host: "Host", argv: list[str], env: dict, stdout, name: str,
-                 command: list[str]):
+                 command: list[str], cwd: Optional[str] = None):
         self.host = host
         self.argv = argv
         self.command = command  # what runs on the host (argv wraps it)
         self.log = host.rig.base / "logs" / f"{host.name}-{name}-{time.monotonic_ns()}.log"
         self.log_file = open(self.log, "wb")
         self.popen = subprocess.Popen(argv, stdout=stdout, stderr=self.log_file, env=env,
-                                      stdin=subprocess.PIPE, start_new_session=True)
+                                      stdin=subprocess.PIPE, start_new_session=True, cwd=cwd)
         self.pid = self.popen.pid
 
     def readline(self, timeout: float = 20.0) -> str:
@@ -156,7 +156,7 @@ class Host:
         self.run_dir.mkdir(mode=0o700)
 
     def start(self, argv: list[str], env: Optional[dict] = None, stdout=subprocess.PIPE,
-              name: str = "proc") -> HostProc:
+              name: str = "proc", cwd: Optional[str] = None) -> HostProc:
         """Run ``argv`` on this host (its namespaces, its hostname, its runtime dir)."""
         full = ["ip", "netns", "exec", self.ns, "unshare", "--uts", "--mount",
                 "sh", "-c", LAUNCH, "sh", self.name, str(self.rig.hosts_file), *argv]
@@ -164,7 +164,7 @@ class Host:
                    "PYTHONPATH": os.pathsep.join(
                        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                    **(env or {})}
-        proc = HostProc(self, full, environ, stdout, name, argv)
+        proc = HostProc(self, full, environ, stdout, name, argv, cwd)
         self.procs.append(proc)
         self.rig.procs.append(proc)
         return proc

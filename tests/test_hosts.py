@@ -7,8 +7,9 @@ files under a shared folder; the client reports every outcome it got as JSON.
 """
 from __future__ import annotations
 
-import json
+import os
 import signal
+import subprocess
 import sys
 import textwrap
 import time
@@ -47,25 +48,25 @@ def cluster(rig) -> hosts.Cluster:
 HEADER = """\
 import hashlib, json, os, socket, sys, threading, time
 from cw.client import ClusterExecutor, ClientThread
-host, port = sys.argv[1], int(sys.argv[2])
+host, port = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else (None, None)
 def say(**kw):
     print(json.dumps(kw), flush=True)
 """
 
 
-def client(cluster: hosts.Cluster, body: str, *args, host: int = 4) -> hosts.HostProc:
-    """Run a client program on ``rig[host]``; argv[1:3] is the master's address."""
-    path = cluster.rig.base / f"client-{time.monotonic_ns()}.py"
+def client(rig: hosts.Rig, body: str, *args, host: int = 4) -> hosts.HostProc:
+    """Run a client program on ``rig[host]``; ``args`` become its argv[1:] (the master's
+    address first, if any)."""
+    path = rig.base / f"client-{time.monotonic_ns()}.py"
     path.write_text(HEADER + textwrap.dedent(body))
-    return cluster.rig[host].python(str(path), cluster.host.ip, str(cluster.port),
-                                    *map(str, args), name="client")
+    return rig[host].python(str(path), *map(str, args), name="client")
 
 
 # -------------------------------------------------------------------- jobs across hosts
 def test_jobs_closures_errors_and_10_mb_across_hosts(rig, cluster):
     cluster.workers(4)  # one beside the client: its lane is the only one the client may get
     wait_for(lambda: len(cluster.status()["workers"]) == 3, 20, "a worker on h4")
-    proc = client(cluster, """
+    proc = client(rig, """
         class FarError(Exception):
             pass
         def where(i):
@@ -91,7 +92,7 @@ def test_jobs_closures_errors_and_10_mb_across_hosts(rig, cluster):
             say(endpoint=ex._session.conn.endpoint, lane=ex._session.lane, spread=spread,
                 closure=closure, error=error, echoed=echoed, seconds=seconds,
                 sha=hashlib.sha256(big).hexdigest(), lone=lone)
-    """)
+    """, cluster.host.ip, cluster.port)
     out = proc.json(90)
     assert proc.wait(30) == 0, proc.stderr()
     print(f"10 MB round trip across hosts: {out['seconds']:.2f} s")
@@ -111,6 +112,25 @@ def test_jobs_closures_errors_and_10_mb_across_hosts(rig, cluster):
     for proc in workers:  # every worker registered over TCP
         assert f"registered with master" in proc.stderr()
         assert f"at ipc://" not in proc.stderr(), proc.stderr()
+
+
+def test_peers_find_a_master_bound_to_all_interfaces_by_its_hostname(rig):
+    """As the launchers run it: the master binds everything and records ``h1:port`` in
+    $CW_HOME/default.json; workers and clients elsewhere give no address at all."""
+    default = Path(os.environ["CW_HOME"]) / "default.json"
+    master = rig[1].python("-m", "cw.master", "--port", "0", "--connection-file",
+                           str(default), *HB, name="master")
+    assert master.readline().startswith("cw master listening on tcp://h1:")
+    rig[2].python("-m", "cw.worker", "-n", "1", stdout=subprocess.DEVNULL, name="workers")
+    proc = client(rig, """
+        from cw.status import status
+        with ClusterExecutor(connect_timeout=30) as ex:
+            ran = ex.submit(socket.gethostname).result(60)
+            say(ran=ran, endpoint=ex._session.conn.endpoint, workers=len(status()["workers"]))
+    """)
+    out = proc.json(60)
+    assert out["ran"] == "h2" and out["workers"] == 1
+    assert out["endpoint"].startswith("tcp://h1:")
 
 
 # -------------------------------------------------------------------- links cut, master killed
@@ -156,7 +176,7 @@ def worker_hosts(cluster) -> list[str]:
 def start_jobs(rig, cluster, n: int):
     marks = rig.base / "marks"
     marks.mkdir()
-    proc = client(cluster, WORK, marks, n)
+    proc = client(rig, WORK, cluster.host.ip, cluster.port, marks, n)
     wait_for(lambda: len(list(marks.iterdir())) >= 8, 30, "jobs running on both hosts")
     return proc, marks
 
