@@ -149,14 +149,14 @@ lock = threading.Lock()
 def callback(jobid, result):
     with lock:
         calls.setdefault(jobid, []).append(result if isinstance(result, tuple) else repr(result))
-with ClientThread(callback, host, port) as ct:
-    for i in range(n):
+with ClientThread(callback, host, port) as ct, ClusterExecutor(host, port) as ex:
+    for i in range(n):  # half through each client API
         ct.submit(i, work, i)
+    mapped = list(ex.map(work, range(n, 2 * n), timeout=120))
     ct.wait(120)
-    say(calls=calls)
+    say(calls=calls, mapped=mapped)
     sys.stdin.readline()  # the test says when every host is back
-    with ClusterExecutor(host, port) as ex:
-        say(hosts=sorted(set(ex.map(where, range(8)))))
+    say(hosts=sorted(set(ex.map(where, range(8), timeout=60))))
 """
 
 
@@ -185,12 +185,13 @@ def check_every_job_once(proc, marks: Path, n: int, cluster) -> dict:
     """Every outcome once and right; every job ran; the cluster serves on all hosts again."""
     out = proc.json(90)
     assert out["calls"] == {str(i): [[i, i * i]] for i in range(n)}
+    assert out["mapped"] == [[i, i * i] for i in range(n, 2 * n)]
     runs = executions(marks)
-    assert sorted(runs) == list(range(n))
+    assert sorted(runs) == list(range(2 * n))
     # at most twice: only what was on the far side of the cut when the master gave up
     assert max(map(len, runs.values())) <= 2, runs
     twice = {i: h for i, h in runs.items() if len(h) > 1}
-    print(f"jobs run more than once: {len(twice)} of {n}: {twice}")
+    print(f"jobs run more than once: {len(twice)} of {2 * n}: {twice}")
     wait_for(lambda: worker_hosts(cluster) == ["h2", "h3"], 30, "both worker hosts back")
     proc.write("go")
     assert proc.json(60)["hosts"] == ["h2", "h3"]
@@ -209,7 +210,7 @@ NOTICED = {
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("victim", [2, 1, 4], ids=["worker-host", "master-host", "client-host"])
 def test_a_host_cut_off_longer_than_the_heartbeat_timeout(rig, cluster, victim):
-    n = 60
+    n = 40
     proc, marks = start_jobs(rig, cluster, n)
     host = rig[victim]
     host.cut()
@@ -232,7 +233,7 @@ def test_a_host_cut_off_longer_than_the_heartbeat_timeout(rig, cluster, victim):
 
 @pytest.mark.timeout(90)
 def test_master_sigkilled_and_restarted_on_its_host(rig, cluster):
-    n = 60
+    n = 40
     proc, marks = start_jobs(rig, cluster, n)
     cluster.master.signal(signal.SIGKILL)
     cluster.master.wait(10)
