@@ -9,8 +9,9 @@
 
 Every host shares the caller's ``CW_HOME`` (as cluster nodes share a home directory) and
 ``/tmp``, but has its own runtime directory, so the master's local socket and the lanes
-are private to the host they live on. ``Host.cut()`` takes the host's veth down on the
-bridge side: packets vanish, nobody sees a reset; ``Host.restore()`` brings it back.
+are private to the host they live on. ``Host.cut()`` takes the host's veth off the
+bridge: packets vanish both ways, nobody sees a reset, the host's own link stays up (as
+behind a failed switch); ``Host.restore()`` puts it back.
 
 No pytest here: ``bench`` uses the rig too. ``Rig.close()`` kills every process started
 on the rig (by process group, then whatever pid is still inside a namespace) and deletes
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -58,6 +60,42 @@ def _ip(*args: str, ns: Optional[str] = None, check: bool = True) -> subprocess.
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
     return done
+
+
+def sweep() -> None:
+    """Delete what rigs of processes that died without ``close()`` (SIGKILL) left: their
+    namespaces, with every process still inside, and their folders."""
+    done = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=30)
+    names = [line.split()[0] for line in done.stdout.splitlines() if line.strip()]
+    folders = list(Path(tempfile.gettempdir()).glob("cwh-*"))
+    for name in names + [p.name for p in folders]:
+        match = re.match(r"cwh-(\d+)\.", name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        if name in names:
+            _kill(subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                                 text=True, timeout=30).stdout)
+            _ip("netns", "del", name, check=False)
+        else:
+            shutil.rmtree(Path(tempfile.gettempdir()) / name, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _kill(pids: str) -> None:
+    for pid in pids.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
 
 
 class HostProc:
@@ -173,31 +211,33 @@ class Host:
         return self.start([sys.executable, *args], **kw)
 
     def cut(self) -> None:
-        """Take the host off the bridge: its packets vanish (no RST, no ICMP from peers)."""
+        """Take the host off the bridge: its packets vanish both ways (no RST)."""
         _ip("link", "set", self.name, "nomaster", ns=self.rig.bridge_ns)
 
     def restore(self) -> None:
         _ip("link", "set", self.name, "master", "br0", ns=self.rig.bridge_ns)
 
-    def pids(self) -> list[int]:
-        """Every process inside this host's network namespace."""
-        done = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True,
-                              text=True, timeout=30)
-        return [int(p) for p in done.stdout.split()]
+    def pids(self) -> str:
+        """Every process inside this host's network namespace (``ip netns pids``)."""
+        return subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True,
+                              text=True, timeout=30).stdout
 
 
 class Rig:
     """``n`` hosts on one private bridge. Use as a context manager, or call ``close()``."""
 
+    made = 0  # rigs made by this process
+
     def __init__(self, n: int = 4):
         reason = unavailable()
         if reason:
             raise RuntimeError(reason)
-        self.id = f"{os.getpid() % 100000}{time.monotonic_ns() % 1000:03d}"
-        self.prefix = f"cwh-{self.id}"
-        self.net = int(self.id) % 250 + 1
+        sweep()
+        Rig.made += 1
+        self.prefix = f"cwh-{os.getpid()}.{Rig.made}"  # the pid lets sweep() find leftovers
+        self.net = (os.getpid() + Rig.made) % 250 + 1
         self.bridge_ns = f"{self.prefix}-br"
-        self.base = Path(tempfile.mkdtemp(prefix="cwh-"))  # short: Unix socket paths
+        self.base = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-"))  # short: socket paths
         (self.base / "logs").mkdir()
         self.procs: list[HostProc] = []
         self.hosts = [Host(self, i + 1) for i in range(n)]
@@ -234,11 +274,7 @@ class Rig:
         for proc in reversed(self.procs):
             proc.stop()
         for host in self.hosts:
-            for pid in host.pids():  # anything that left its process group
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            _kill(host.pids())  # anything that left its process group
         for ns in [h.ns for h in self.hosts] + [self.bridge_ns]:
             _ip("netns", "del", ns, check=False)
         shutil.rmtree(self.base, ignore_errors=True)

@@ -1,8 +1,8 @@
 """cw across hosts: master, workers and client each in a network namespace of their own
 (tests/hosts.py), so every peer takes the TCP + CurveZMQ path other cluster nodes take.
 
-Links are cut by taking a host's veth down on the bridge side: packets vanish, nothing
-resets a connection, as when a switch or a cable fails. Jobs count their executions in
+Links are cut by taking a host's veth off the bridge: packets vanish both ways, nothing
+resets a connection, as when a switch fails. Jobs count their executions in
 files under a shared folder; the client reports every outcome it got as JSON.
 """
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -110,8 +109,8 @@ def test_jobs_closures_errors_and_10_mb_across_hosts(rig, cluster):
         assert not list(rig[h].run_dir.glob("cw/master-*")), h
     workers = [p for p in rig.procs if p.command[1:3] == ["-m", "cw.worker"]]
     for proc in workers:  # every worker registered over TCP
-        assert f"registered with master" in proc.stderr()
-        assert f"at ipc://" not in proc.stderr(), proc.stderr()
+        assert "registered with master" in proc.stderr()
+        assert "at ipc://" not in proc.stderr(), proc.stderr()
 
 
 def test_peers_find_a_master_bound_to_all_interfaces_by_its_hostname(rig):
