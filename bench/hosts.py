@@ -167,6 +167,7 @@ def main(systems: list[str], reps: int, sizes: Sizes, json_path: Path,
                               f"{record['foreign_load_cores']:.2f} cores] "
                               f"{record.get('unavailable') or ''}"
                               f"{record['errors'] or ''}")
+    machine["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     summary = report.summarize(records, systems)
     try:
         local = json.loads((HERE / "results.json").read_text())["summary"]

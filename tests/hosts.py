@@ -48,9 +48,16 @@ def unavailable() -> Optional[str]:
             return f"the hosts rig needs {tool!r} (iproute2 / util-linux)"
     probe = f"cwh-probe-{os.getpid()}"
     made = _ip("netns", "add", probe, check=False)
-    _ip("netns", "del", probe, check=False)
     if made.returncode != 0:
         return f"cannot create a network namespace: {made.stderr.strip()}"
+    try:  # a process there with a hostname and /etc/hosts of its own, as Host.start does
+        ran = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "--mount",
+                              "sh", "-c", LAUNCH, "sh", "probe", "/etc/hosts", "true"],
+                             capture_output=True, text=True, timeout=30)
+    finally:
+        _ip("netns", "del", probe, check=False)
+    if ran.returncode != 0:
+        return f"cannot start a process on a host of the rig: {ran.stderr.strip()}"
     return None
 
 

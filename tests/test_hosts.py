@@ -21,8 +21,8 @@ import hosts
 
 HB_TIMEOUT = float(HB[HB.index("--heartbeat-timeout") + 1])
 
-pytestmark = pytest.mark.skipif(bool(hosts.unavailable()),
-                                reason=hosts.unavailable() or "")
+UNAVAILABLE = hosts.unavailable()
+pytestmark = pytest.mark.skipif(bool(UNAVAILABLE), reason=UNAVAILABLE or "")
 
 
 @pytest.fixture
