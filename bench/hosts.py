@@ -62,22 +62,23 @@ class RemoteDask(DaskSystem):
 REMOTE_SYSTEMS = {"cw": RemoteCw, "dask": RemoteDask}
 
 
-def start_daemons(rig: rigs.Rig, name: str, tmp: Path, timeout: float) -> dict:
-    """Start ``name``'s master and workers on the rig; return what the child needs."""
+def start_daemons(rig: rigs.Rig, name: str, tmp: Path, timeout: float, env: dict) -> dict:
+    """Start ``name``'s master and workers on the rig (in ``env``: the child's CW_HOME and
+    PYTHONPATH, so ``--cw-path`` reaches them too); return what the child needs."""
     master = rig[MASTER_HOST]
     if name == "cw":
         proc = master.python("-m", "cw.master", "--host", master.ip, "--port", "0",
-                             name="master")
+                             env=env, name="master")
         line = proc.readline(timeout)
         port = int(line.rsplit(":", 1)[1])
         for h in WORKER_HOSTS:
             rig[h].python("-m", "cw.worker", master.ip, "--port", str(port), "-n", "1",
-                          stdout=subprocess.DEVNULL, name="workers")
+                          env=env, stdout=subprocess.DEVNULL, name="workers")
         return {"host": master.ip, "port": port}
     scheduler_file = tmp / f"scheduler-{time.monotonic_ns()}.json"
     master.python("-m", "distributed.cli.dask_scheduler", "--host", master.ip,
                   "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file),
-                  stdout=subprocess.DEVNULL, name="scheduler")
+                  env=env, stdout=subprocess.DEVNULL, name="scheduler")
     deadline = time.monotonic() + timeout
     while not scheduler_file.exists():
         if time.monotonic() > deadline:
@@ -87,7 +88,8 @@ def start_daemons(rig: rigs.Rig, name: str, tmp: Path, timeout: float) -> dict:
         rig[h].python("-m", "distributed.cli.dask_worker", "--scheduler-file",
                       str(scheduler_file), "--nworkers", "1", "--nthreads", "1",
                       "--host", rig[h].ip, "--no-dashboard", "--local-directory",
-                      str(tmp / f"dask-{h}"), stdout=subprocess.DEVNULL, name="workers")
+                      str(tmp / f"dask-{h}"), env=env, stdout=subprocess.DEVNULL,
+                      name="workers")
     return {"scheduler_file": str(scheduler_file)}
 
 
@@ -98,11 +100,10 @@ def run_turn(rig: rigs.Rig, name: str, rep: int, sizes: Sizes, tmp: Path,
     out = tmp / f"{name}-{rep}.json"
     foreign = procs.ForeignLoad()
     env = {**child_env(cw_path), "CW_HOME": str(tmp / f"cw-home-{rep}")}
-    os.environ["CW_HOME"] = env["CW_HOME"]  # the daemons write their files there
     started = len(rig.procs)
     record = None
     try:
-        where = start_daemons(rig, name, tmp, START_TIMEOUT)
+        where = start_daemons(rig, name, tmp, START_TIMEOUT, env)
         limit = START_TIMEOUT + 60 + sizes.timeout * (len(WORKLOADS) + 1)
         child = rig[CLIENT_HOST].start(
             [sys.executable, "-m", "bench", "--child", name, "--child-remote",

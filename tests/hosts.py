@@ -35,6 +35,8 @@ from typing import Optional
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.77"  # a private range that exists only on the rig's bridge
 
+# a hostname and mounts of its own (private: the /etc/hosts bind never reaches the machine)
+UNSHARE = ["unshare", "--uts", "--mount", "--propagation", "private"]
 # runs the command in argv[1:] as host $1: own hostname, own /etc/hosts, then exec
 LAUNCH = 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
 
@@ -51,8 +53,8 @@ def unavailable() -> Optional[str]:
     if made.returncode != 0:
         return f"cannot create a network namespace: {made.stderr.strip()}"
     try:  # a process there with a hostname and /etc/hosts of its own, as Host.start does
-        ran = subprocess.run(["ip", "netns", "exec", probe, "unshare", "--uts", "--mount",
-                              "sh", "-c", LAUNCH, "sh", "probe", "/etc/hosts", "true"],
+        ran = subprocess.run(["ip", "netns", "exec", probe, *UNSHARE, "sh", "-c", LAUNCH,
+                              "sh", "probe", "/etc/hosts", "true"],
                              capture_output=True, text=True, timeout=30)
     finally:
         _ip("netns", "del", probe, check=False)
@@ -187,7 +189,6 @@ class Host:
         self.ns = f"{rig.prefix}-{index}"
         self.ip = f"{SUBNET}.{rig.net}.{index}"
         self.run_dir = rig.base / self.name
-        self.procs: list[HostProc] = []
 
     def setup(self) -> None:
         rig = self.rig
@@ -203,14 +204,13 @@ class Host:
     def start(self, argv: list[str], env: Optional[dict] = None, stdout=subprocess.PIPE,
               name: str = "proc", cwd: Optional[str] = None) -> HostProc:
         """Run ``argv`` on this host (its namespaces, its hostname, its runtime dir)."""
-        full = ["ip", "netns", "exec", self.ns, "unshare", "--uts", "--mount",
-                "sh", "-c", LAUNCH, "sh", self.name, str(self.rig.hosts_file), *argv]
+        full = ["ip", "netns", "exec", self.ns, *UNSHARE, "sh", "-c", LAUNCH, "sh", self.name,
+                str(self.rig.hosts_file), *argv]
         environ = {**os.environ, "XDG_RUNTIME_DIR": str(self.run_dir),
                    "PYTHONPATH": os.pathsep.join(
                        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
                    **(env or {})}
         proc = HostProc(self, full, environ, stdout, name, argv, cwd)
-        self.procs.append(proc)
         self.rig.procs.append(proc)
         return proc
 
