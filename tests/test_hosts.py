@@ -182,7 +182,12 @@ def start_jobs(rig, cluster, n: int):
 
 def check_every_job_once(proc, marks: Path, n: int, cluster) -> dict:
     """Every outcome once and right; every job ran; the cluster serves on all hosts again."""
-    out = proc.json(90)
+    try:
+        out = proc.json(60)  # before the test's timeout, so the state below gets shown
+    except AssertionError as exc:
+        state = cluster.status()
+        raise AssertionError(f"{exc}\nmaster: queue {state['queue']}, workers "
+                             f"{state['workers']}, clients {state['clients']}") from None
     assert out["calls"] == {str(i): [[i, i * i]] for i in range(n)}
     assert out["mapped"] == [[i, i * i] for i in range(n, 2 * n)]
     runs = executions(marks)
