@@ -165,8 +165,9 @@ class HostProc:
             try:
                 self.popen.wait(timeout)
                 break
-            except subprocess.TimeoutExpired:
-                continue
+            except subprocess.TimeoutExpired:  # shown with a failing test's output
+                print(f"{self.command[-3:]} on {self.host.name} ignored SIGTERM for "
+                      f"{timeout:g} s; killing it", file=sys.stderr)
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
