@@ -52,10 +52,15 @@ def run_workloads(system, sizes: Sizes, record: dict) -> None:
             return
 
 
-def child(name: str, rep: int, sizes: Sizes, out: Path) -> None:
-    """Measure one system once and write the record to ``out``."""
+def child(name: str, rep: int, sizes: Sizes, out: Path, remote: bool = False) -> None:
+    """Measure one system once and write the record to ``out`` (``remote``: the system
+    runs on other hosts, see bench.hosts)."""
     record: dict[str, Any] = {"system": name, "rep": rep, "metrics": {}, "errors": {}}
-    system = SYSTEMS[name]()
+    if remote:
+        from bench.hosts import REMOTE_SYSTEMS
+        system = REMOTE_SYSTEMS[name]()
+    else:
+        system = SYSTEMS[name]()
     workdir = tempfile.mkdtemp(prefix=f"bench-{name}-")
     try:
         record["versions"] = system.versions()
@@ -189,7 +194,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "'git archive HEAD cw' snapshot, so edits in progress do not leak in")
     p.add_argument("--cw-worker-args", default="",
                    help='extra flags for "python -m cw.worker", e.g. "--slots 1"')
+    p.add_argument("--hosts", action="store_true",
+                   help="cw and dask across hosts made of network namespaces (root only; "
+                        "see bench/hosts.py); writes bench/results-hosts.json")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-remote", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-rep", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--child-sizes", help=argparse.SUPPRESS)
@@ -203,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reps < 1:
         p.error("--reps must be at least 1")
     suffix = "-quick" if args.quick else ""
-    args.json = args.json or HERE / f"results{suffix}.json"
+    args.json = args.json or HERE / f"results{'-hosts' if args.hosts else ''}{suffix}.json"
     args.png = args.png or HERE / f"results{suffix}.png"
     return args
 
@@ -211,9 +220,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
-        child(args.child, args.child_rep, Sizes(**json.loads(args.child_sizes)), args.child_out)
+        child(args.child, args.child_rep, Sizes(**json.loads(args.child_sizes)), args.child_out,
+              args.child_remote)
         return 0
     procs.become_subreaper()
+    if args.hosts:
+        from bench import hosts
+        return hosts.main(args.systems, args.reps, Sizes.quick() if args.quick else Sizes(),
+                          args.json, os.path.abspath(args.cw_path) if args.cw_path else "",
+                          args.quiet_wait)
     os.environ[CW_WORKER_ARGS] = args.cw_worker_args  # read by the cw children
     os.environ[CW_PATH] = os.path.abspath(args.cw_path) if args.cw_path else ""
     sizes = Sizes.quick() if args.quick else Sizes()
