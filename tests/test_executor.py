@@ -461,3 +461,34 @@ def test_shutdown_cancel_futures_runs_what_a_worker_holds(cluster, tmp_path):
     assert all(f.cancelled() for f in futures[4:])
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(abs, 1)
+
+
+# ------------------------------------------------------------------ shutdown(wait=False)
+@pytest.mark.parametrize("cancel_futures", [False, True])
+def test_shutdown_without_wait_returns_at_once_and_futures_still_settle(cluster, tmp_path,
+                                                                         cancel_futures):
+    """As concurrent.futures promises: shutdown(wait=False) returns at once, the
+    unfinished futures still complete (or are cancelled, with cancel_futures), none is left
+    pending for a later result() to hang on, and then the client leaves the master."""
+    gate = tmp_path / "gate"
+    ex = ClusterExecutor(cluster.host, cluster.port)
+    futures = [ex.submit(gated, str(gate), i) for i in range(10)]
+    wait_for(lambda: sum(f.running() for f in futures) == 2, what="two jobs running")
+    started = time.monotonic()
+    ex.shutdown(wait=False, cancel_futures=cancel_futures)
+    took = time.monotonic() - started
+    print(f"shutdown(wait=False, cancel_futures={cancel_futures}) took {took:.3f} s")
+    assert took < 3.0
+    assert cluster.status()["clients"], "the client left before its futures settled"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(abs, 1)
+    gate.touch()
+    cf.wait(futures, timeout=30)
+    assert all(f.done() for f in futures), "a future left pending"
+    done = [f.result(timeout=0) for f in futures if not f.cancelled()]
+    assert done == list(range(len(done)))
+    if cancel_futures:
+        assert 2 <= len(done) <= 4 and all(f.cancelled() for f in futures[len(done):])
+    else:
+        assert len(done) == 10
+    wait_for(lambda: not cluster.status()["clients"], what="the client to leave")
