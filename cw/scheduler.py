@@ -311,8 +311,8 @@ class Scheduler:
         silent = [p.ident for p in (*self.workers.values(), *self.clients.values(),
                                     *self.supervisors.values()) if p.last_seen < deadline]
         for ident in silent:
-            self.peer_gone(ident, f"silent for more than {self.heartbeat_timeout:g} s: "
-                                  f"node lost or hung?")
+            self.peer_gone(ident, f"silent for {self.heartbeat_timeout:g} s: "
+                                  f"node lost? (or hung)")
 
     # ---------------------------------------------------------------- clients
     def submit(self, client: Client, fns: list, jobs: list, frames: list) -> None:
