@@ -37,6 +37,7 @@ Everything sent goes through ``send(ident, frames)``, which returns False if the
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -344,13 +345,14 @@ class Scheduler:
         """Cancel jobs not yet started; workers are asked about jobs they hold.
 
         ``queued_only`` (a client's shutdown with cancel_futures): idle workers are fed
-        first, then only jobs still queued are cancelled; what a worker holds runs.
+        first, then what runs or is next on its worker (ProcessPoolExecutor's call queue)
+        runs; the rest is cancelled, also what a worker prefetched behind its next job.
         """
         if queued_only and self.queued:
             self._dispatch()
         for seq in seqs:
             job = client.jobs.get(seq) if isinstance(seq, int) else None
-            if job is None or job.started or (queued_only and job.worker is not None):
+            if job is None or job.started or (queued_only and _about_to_run(job)):
                 client.out_cancelled.append([seq, False])
             elif job.worker is None:
                 job.cancelled = True
@@ -711,6 +713,12 @@ def _digest(value) -> bytes:
     if not isinstance(value, bytes) or len(value) != 16:
         raise ProtocolError("function digest must be 16 bytes")
     return value
+
+
+def _about_to_run(job: Job) -> bool:
+    """The job is among the first MIN_HOLD its worker holds (running, or next to run)."""
+    return job.worker is not None and \
+        any(held is job for held in itertools.islice(job.worker.assigned.values(), MIN_HOLD))
 
 
 def _key(entry) -> tuple[int, int]:

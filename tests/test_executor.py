@@ -441,6 +441,21 @@ def test_shutdown_cancel_futures_lets_held_jobs_finish_like_process_pool(cluster
     assert outcomes["cw"][0] >= 2 and outcomes["cw"][1] >= 30, outcomes
 
 
+def test_shutdown_cancel_futures_after_short_jobs_still_cancels_the_rest(cluster):
+    """Workers that learned jobs are short prefetch dozens; shutdown(cancel_futures=True)
+    still runs only what runs or is next on each worker and cancels the rest."""
+    with ClusterExecutor(cluster.host, cluster.port) as warm:
+        assert list(warm.map(abs, range(-500, 0))) == list(range(500, 0, -1))
+    assert max(w["hold"] for w in cluster.status()["workers"]) > 25  # they prefetch a lot
+    ex = ClusterExecutor(cluster.host, cluster.port)
+    futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    done = sum(f.done() and not f.cancelled() for f in futures)
+    cancelled = sum(f.cancelled() for f in futures)
+    print("done, cancelled:", done, cancelled)
+    assert done + cancelled == 50, "a future left pending"
+    assert 2 <= done <= 10 and cancelled >= 40
+
 def test_shutdown_cancel_futures_runs_what_a_worker_holds(cluster, tmp_path):
     """Two jobs running and two prefetched behind them (held by the workers, about to run):
     those four complete; the six still queued at the master are cancelled."""
