@@ -146,9 +146,9 @@ class ClusterExecutor(Executor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; wait for it; disconnect.
 
-        ``wait=False`` returns at once, as ``concurrent.futures`` promises: the unfinished
-        futures still settle, and a background thread disconnects once they all have (if
-        the interpreter exits first, the master drops what is left).
+        ``wait=False`` returns at once, as in ``concurrent.futures``: the unfinished
+        futures still settle, and a background thread disconnects once they all have
+        (as there, the program does not exit before that).
         ``cancel_futures`` cancels what no worker holds yet, as ProcessPoolExecutor does:
         jobs running, or held by a worker and about to run, complete.
         """
@@ -164,8 +164,7 @@ class ClusterExecutor(Executor):
         if wait:
             self._close_when_settled()
         else:
-            threading.Thread(target=self._close_when_settled, daemon=True,
-                             name="cw-shutdown").start()
+            threading.Thread(target=self._close_when_settled, name="cw-shutdown").start()
 
     def _close_when_settled(self) -> None:
         """Wait until every future is done or cancelled, then leave the master."""

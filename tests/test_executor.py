@@ -6,6 +6,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -507,3 +508,25 @@ def test_shutdown_without_wait_returns_at_once_and_futures_still_settle(cluster,
     else:
         assert len(done) == 10
     wait_for(lambda: not cluster.status()["clients"], what="the client to leave")
+
+
+def test_a_program_that_shuts_down_without_waiting_exits_once_its_futures_are_done(
+        cluster, tmp_path):
+    """As with the standard executors, the program does not exit (dropping its jobs at the
+    master) before the futures of a shutdown(wait=False) have settled."""
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys, time\n"
+        "from cw.client import ClusterExecutor\n"
+        "ex = ClusterExecutor(sys.argv[1], int(sys.argv[2]))\n"
+        "for i in range(4):\n"
+        "    ex.submit(time.sleep, 0.5).add_done_callback(\n"
+        "        lambda f, i=i: print('done', i, f.exception(), flush=True))\n"
+        "ex.shutdown(wait=False)\n"
+        "print('returned', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script), cluster.host, str(cluster.port)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "returned"
+    assert sorted(lines[1:]) == [f"done {i} None" for i in range(4)]
