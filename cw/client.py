@@ -144,9 +144,11 @@ class ClusterExecutor(Executor):
         return _flatten(chunks)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Stop accepting work; wait for it; disconnect (``wait=False``: at once, dropping
-        what has not finished).
+        """Stop accepting work; wait for it; disconnect.
 
+        ``wait=False`` returns at once, as in ``concurrent.futures``: the unfinished
+        futures still settle, and a background thread disconnects once they all have
+        (as there, the program does not exit before that).
         ``cancel_futures`` cancels what no worker holds yet, as ProcessPoolExecutor does:
         jobs running, or held by a worker and about to run, complete.
         """
@@ -160,7 +162,13 @@ class ClusterExecutor(Executor):
                 if ok and future is not None:
                     future._cancelled_by_cluster()
         if wait:
-            wait_futures(list(self._futures.values()))
+            self._close_when_settled()
+        else:
+            threading.Thread(target=self._close_when_settled, name="cw-shutdown").start()
+
+    def _close_when_settled(self) -> None:
+        """Wait until every future is done or cancelled, then leave the master."""
+        wait_futures(list(self._futures.values()))
         self._session.close()
 
     # ---------------------------------------------------------------- extras

@@ -121,7 +121,8 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
             self.terminate()
 
     def terminate(self) -> None:
-        """Disconnect at the end of a Parallel call; jobs still queued are dropped."""
+        """Leave at the end of a Parallel call: jobs still queued are cancelled, the
+        connection closes in the background once the running ones have finished."""
         executor, self.executor = self.executor, None
         callbacks, self.callbacks = self.callbacks, None
         if executor is not None:

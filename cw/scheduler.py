@@ -51,6 +51,7 @@ the peer is gone, and None if its queue is full (send it again later).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -351,8 +352,8 @@ class Scheduler:
         silent = [p.ident for p in (*self.workers.values(), *self.clients.values(),
                                     *self.supervisors.values()) if p.last_seen < deadline]
         for ident in silent:
-            self.peer_gone(ident, f"silent for more than {self.heartbeat_timeout:g} s: "
-                                  f"node lost or hung?")
+            self.peer_gone(ident, f"silent for {self.heartbeat_timeout:g} s: "
+                                  f"node lost? (or hung)")
         counts = self._counts
         counts.append((now, len(self.workers)))
         while counts[0][0] < deadline:
@@ -424,13 +425,14 @@ class Scheduler:
         """Cancel jobs not yet started; workers are asked about jobs they hold.
 
         ``queued_only`` (a client's shutdown with cancel_futures): idle workers are fed
-        first, then only jobs still queued are cancelled; what a worker holds runs.
+        first, then what runs or is next on its worker (ProcessPoolExecutor's call queue)
+        runs; the rest is cancelled, also what a worker prefetched behind its next job.
         """
         if queued_only and self.queued:
             self._dispatch()
         for seq in seqs:
             job = client.jobs.get(seq) if isinstance(seq, int) else None
-            if job is None or job.started or (queued_only and job.worker is not None):
+            if job is None or job.started or (queued_only and _about_to_run(job)):
                 client.out_cancelled.append([seq, False])
             elif job.worker is None:
                 job.cancelled = True
@@ -835,6 +837,12 @@ def _digest(value) -> bytes:
     if not isinstance(value, bytes) or len(value) != 16:
         raise ProtocolError("function digest must be 16 bytes")
     return value
+
+
+def _about_to_run(job: Job) -> bool:
+    """The job is among the first MIN_HOLD its worker holds (running, or next to run)."""
+    return job.worker is not None and \
+        any(held is job for held in itertools.islice(job.worker.assigned.values(), MIN_HOLD))
 
 
 def _key(entry) -> tuple[int, int]:

@@ -785,8 +785,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.slurm and not args.host:
         from . import slurm
         args.host, args.port = slurm.find_master(args.connect_timeout or 300.0)
-    sys.exit(Supervisor(child_argv(args), max(1, args.processes), args.host, args.port,
-                        args.insecure).run())
+    try:
+        supervisor = Supervisor(child_argv(args), max(1, args.processes), args.host,
+                                args.port, args.insecure)
+    except SecurityError as exc:  # e.g. --insecure to a master that is not on loopback
+        sys.exit(f"cw-worker: {exc}")
+    sys.exit(supervisor.run())
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def test_a_death_on_a_live_node_is_charged_within_a_second(procs, tmp_path):
         print(f"death charged after {seconds:.2f} s (heartbeat timeout 10 s)")
         assert seconds < 3.0
         assert f"(pid {victim}) left (exit code 3 after" in master.stderr()
-        future.cancel()
+        with pytest.raises(WorkerLost, match="exit code 3"):  # it dies wherever it runs
+            future.result(timeout=30)
 
 
 @pytest.mark.timeout(60)
@@ -175,9 +176,25 @@ def test_a_hung_node_is_still_caught_by_heartbeats(procs, master, tmp_path):
             assert future.result(timeout=30) == "ran elsewhere"
         finally:
             os.killpg(hung.pid, signal.SIGCONT)
-    assert f"(pid {victim}) left (silent for more than 2 s: node lost or hung?)" \
+    assert f"(pid {victim}) left (silent for 2 s: node lost? (or hung))" \
         in master.stderr()
 
+
+
+@pytest.mark.timeout(60)
+def test_a_job_lost_with_a_silent_node_says_so_in_worker_lost(procs, master, tmp_path):
+    """A job whose only try ran on a node that went silent fails with WorkerLost naming
+    how that worker ended, in the issue's words: "silent for 2 s: node lost?"."""
+    hung = procs.workers(master, 1)
+    with executor(master) as ex:
+        future = ex.options(max_retries=1).submit(gated, str(tmp_path / "gate"))
+        busy_worker(master)
+        os.killpg(hung.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(WorkerLost, match=r"silent for 2 s: node lost\?"):
+                future.result(timeout=30)
+        finally:
+            os.killpg(hung.pid, signal.SIGCONT)
 
 def raw_supervisor(master) -> zmq.Socket:
     """A DEALER with the workers' keys, registered as a supervisor on this host."""

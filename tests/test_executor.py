@@ -6,6 +6,7 @@ import gc
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -441,6 +442,21 @@ def test_shutdown_cancel_futures_lets_held_jobs_finish_like_process_pool(cluster
     assert outcomes["cw"][0] >= 2 and outcomes["cw"][1] >= 30, outcomes
 
 
+def test_shutdown_cancel_futures_after_short_jobs_still_cancels_the_rest(cluster):
+    """Workers that learned jobs are short prefetch dozens; shutdown(cancel_futures=True)
+    still runs only what runs or is next on each worker and cancels the rest."""
+    with ClusterExecutor(cluster.host, cluster.port) as warm:
+        assert list(warm.map(abs, range(-500, 0))) == list(range(500, 0, -1))
+    assert max(w["hold"] for w in cluster.status()["workers"]) > 25  # they prefetch a lot
+    ex = ClusterExecutor(cluster.host, cluster.port)
+    futures = [ex.submit(time.sleep, 0.1) for _ in range(50)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    done = sum(f.done() and not f.cancelled() for f in futures)
+    cancelled = sum(f.cancelled() for f in futures)
+    print("done, cancelled:", done, cancelled)
+    assert done + cancelled == 50, "a future left pending"
+    assert 2 <= done <= 10 and cancelled >= 40
+
 def test_shutdown_cancel_futures_runs_what_a_worker_holds(cluster, tmp_path):
     """Two jobs running and two prefetched behind them (held by the workers, about to run):
     those four complete; the six still queued at the master are cancelled."""
@@ -461,3 +477,56 @@ def test_shutdown_cancel_futures_runs_what_a_worker_holds(cluster, tmp_path):
     assert all(f.cancelled() for f in futures[4:])
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(abs, 1)
+
+
+# ------------------------------------------------------------------ shutdown(wait=False)
+@pytest.mark.parametrize("cancel_futures", [False, True])
+def test_shutdown_without_wait_returns_at_once_and_futures_still_settle(cluster, tmp_path,
+                                                                         cancel_futures):
+    """As concurrent.futures promises: shutdown(wait=False) returns at once, the
+    unfinished futures still complete (or are cancelled, with cancel_futures), none is left
+    pending for a later result() to hang on, and then the client leaves the master."""
+    gate = tmp_path / "gate"
+    ex = ClusterExecutor(cluster.host, cluster.port)
+    futures = [ex.submit(gated, str(gate), i) for i in range(10)]
+    wait_for(lambda: sum(f.running() for f in futures) == 2, what="two jobs running")
+    started = time.monotonic()
+    ex.shutdown(wait=False, cancel_futures=cancel_futures)
+    took = time.monotonic() - started
+    print(f"shutdown(wait=False, cancel_futures={cancel_futures}) took {took:.3f} s")
+    assert took < 3.0
+    assert cluster.status()["clients"], "the client left before its futures settled"
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        ex.submit(abs, 1)
+    gate.touch()
+    cf.wait(futures, timeout=30)
+    assert all(f.done() for f in futures), "a future left pending"
+    done = [f.result(timeout=0) for f in futures if not f.cancelled()]
+    assert done == list(range(len(done)))
+    if cancel_futures:
+        assert 2 <= len(done) <= 4 and all(f.cancelled() for f in futures[len(done):])
+    else:
+        assert len(done) == 10
+    wait_for(lambda: not cluster.status()["clients"], what="the client to leave")
+
+
+def test_a_program_that_shuts_down_without_waiting_exits_once_its_futures_are_done(
+        cluster, tmp_path):
+    """As with the standard executors, the program does not exit (dropping its jobs at the
+    master) before the futures of a shutdown(wait=False) have settled."""
+    script = tmp_path / "client.py"
+    script.write_text(
+        "import sys, time\n"
+        "from cw.client import ClusterExecutor\n"
+        "ex = ClusterExecutor(sys.argv[1], int(sys.argv[2]))\n"
+        "for i in range(4):\n"
+        "    ex.submit(time.sleep, 0.5).add_done_callback(\n"
+        "        lambda f, i=i: print('done', i, f.exception(), flush=True))\n"
+        "ex.shutdown(wait=False)\n"
+        "print('returned', flush=True)\n")
+    out = subprocess.run([sys.executable, str(script), cluster.host, str(cluster.port)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "returned"
+    assert sorted(lines[1:]) == [f"done {i} None" for i in range(4)]

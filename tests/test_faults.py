@@ -287,7 +287,7 @@ def test_job_holding_the_gil_longer_than_the_timeout_is_not_killed(procs):
             assert worker_pids(master) == {pid}
             time.sleep(0.1)
         assert future.result(timeout=30) > 0
-    assert "silent for more than" not in master.stderr()
+    assert "silent for" not in master.stderr()
 
 
 # -------------------------------------------------------------------- 3. master restart

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from cw import lane
-from cw.client import ClusterExecutor
+from cw.client import ClientThread, ClusterExecutor
 from cw.errors import WorkerLost
 
 from conftest import gated, wait_for
@@ -260,11 +260,15 @@ def test_a_worker_whose_lane_client_left_mid_job_is_fed_again(procs, master, tmp
     before it ended. The worker must get jobs again once it is free."""
     procs.workers(master, 1)
     gate = str(tmp_path / "gate")
-    with executor(master) as gone:
-        with_lane(gone)
-        gone.submit(gated, gate, "orphan")
-        wait_for(lambda: any(w["job"] for w in master.status()["workers"]), 10,
-                 "the master to hold the worker back")
+    gone = ClientThread(lambda jobid, result: None, master.host, master.port).start()
+    for i in range(4):  # through the master, then (once it named the lane) on the lane
+        gone.submit(i, abs, -i)
+        gone.wait(30)
+    wait_for(lambda: gone._session.lane, 10, "the master to name a lane")
+    gone.submit("orphan", gated, gate, "orphan")
+    wait_for(lambda: any(w["job"] for w in master.status()["workers"]), 10,
+             "the master to hold the worker back")
+    gone.stop()  # leaves at once, its lane job still running
     wait_for(lambda: not master.status()["clients"], 10, "the client gone")
     open(gate, "w").close()
     with executor(master) as ex:

@@ -13,7 +13,7 @@ import zmq
 
 from cw import protocol as P
 from cw import security
-from cw.client import ClusterExecutor
+from cw.client import ClientThread, ClusterExecutor
 from cw.errors import ProtocolError
 
 from conftest import Master, gated, wait_for
@@ -117,12 +117,12 @@ def test_status_reports_workers_and_clients(cluster):
 def test_a_gone_clients_queued_jobs_are_dropped_and_late_results_discarded(cluster, tmp_path):
     gate = tmp_path / "gate"
 
-    first = ClusterExecutor(cluster.host, cluster.port)
-    running = [first.submit(gated, str(gate), i) for i in range(2)]
-    wait_for(lambda: all(f.running() for f in running), what="blockers running")
-    for i in range(20):
-        first.submit(gated, str(gate), i)
-    first.shutdown(wait=False)  # leaves: 2 running, the rest queued
+    first = ClientThread(lambda jobid, result: None, cluster.host, cluster.port).start()
+    for i in range(22):
+        first.submit(i, gated, str(gate), i)
+    wait_for(lambda: sum(bool(w["job"]) for w in cluster.status()["workers"]) == 2,
+             what="blockers running")
+    first.stop()  # leaves: 2 running, the rest queued
     wait_for(lambda: not cluster.status()["clients"], what="client gone")
     assert cluster.status()["queue"] == 0
     with ClusterExecutor(cluster.host, cluster.port) as second:

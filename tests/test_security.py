@@ -132,6 +132,14 @@ def test_insecure_peers_only_reach_a_loopback_master():
         ClusterExecutor("192.0.2.1", 5494, insecure=True, connect_timeout=1)
 
 
+
+def test_an_insecure_worker_for_a_master_off_loopback_is_refused_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "cw.worker", "--insecure", "192.0.2.1:5494"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert out.stderr.startswith("cw-worker: insecure:") and "loopback" in out.stderr
+
 def test_insecure_off_loopback_is_refused():
     out = subprocess.run([sys.executable, "-m", "cw.master", "--insecure", "--host", "0.0.0.0",
                           "--port", "0"], capture_output=True, text=True, timeout=30)
