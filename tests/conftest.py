@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cw.status import status  # noqa: E402
+from hosts import stop_group  # noqa: E402  (tests/hosts.py)
 
 # fast failure detection for tests (the defaults are 1 s / 10 s)
 HB = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2"]
@@ -83,20 +84,7 @@ class Proc:
 
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """SIGTERM the group, SIGKILL it after ``timeout``; return the exit code."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(timeout)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        try:  # leftovers of the group (children of a killed supervisor)
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(self.popen, timeout)
         self.log_file.close()
         return self.popen.poll()
 

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.77"  # a private range that exists only on the rig's bridge
@@ -107,6 +107,28 @@ def _kill(pids: str) -> None:
             pass
 
 
+
+def stop_group(popen: subprocess.Popen, timeout: float = 10.0,
+               ignored: Optional[Callable[[], None]] = None) -> None:
+    """SIGTERM ``popen``'s process group (it leads one), SIGKILL it after ``timeout``
+    (``ignored()`` is told), then SIGKILL what is left of the group (children of a killed
+    supervisor)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(popen.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            popen.wait(timeout)
+            break
+        except subprocess.TimeoutExpired:
+            if ignored is not None and sig == signal.SIGTERM:
+                ignored()
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
 class HostProc:
     """A process on a host, in its own process group; its stderr goes to a log file."""
 
@@ -157,21 +179,9 @@ class HostProc:
 
     def stop(self, timeout: float = 10.0) -> Optional[int]:
         """SIGTERM the group, SIGKILL it after ``timeout``; return the exit code."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.popen.wait(timeout)
-                break
-            except subprocess.TimeoutExpired:  # shown with a failing test's output
-                print(f"{self.command[-3:]} on {self.host.name} ignored SIGTERM for "
-                      f"{timeout:g} s; killing it", file=sys.stderr)
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_group(self.popen, timeout, lambda: print(
+            f"{self.command[-3:]} on {self.host.name} ignored SIGTERM for {timeout:g} s; "
+            f"killing it", file=sys.stderr))  # shown with a failing test's output
         self.popen.wait(timeout)
         self.log_file.close()
         for pipe in (self.popen.stdin, self.popen.stdout):
