@@ -573,10 +573,11 @@ class Scheduler:
     def cancelled(self, worker: Worker, entries: list) -> None:
         """A worker answered cancel requests: ok means it dropped the job unstarted.
         Answers nobody asked for are ignored (they would drop a client's job unsettled)."""
+        stolen: list[Job] = []
         for entry in entries:
             cid, seq, ok = entry
             if (cid, seq) in worker.stealing:
-                self._stolen(worker, (cid, seq), bool(ok))
+                stolen.extend(self._stolen(worker, (cid, seq), bool(ok)))
                 continue
             job = worker.assigned.get((cid, seq))
             if (cid, seq) not in worker.cancelling:
@@ -593,19 +594,21 @@ class Scheduler:
             if client is not None:
                 client.out_cancelled.append([seq, bool(ok)])
                 self._dirty[client.ident] = client
+        self.queue.extendleft(reversed(stolen))  # given back: the front, in their order
+        self.queued += len(stolen)
 
-    def _stolen(self, worker: Worker, key: tuple[int, int], ok: bool) -> None:
-        """A steal answered: a job given back goes to the front of the queue."""
+    def _stolen(self, worker: Worker, key: tuple[int, int], ok: bool) -> list[Job]:
+        """A steal answered: the job given back, to queue again (none if it stays)."""
         worker.stealing.discard(key)
         job = worker.assigned.get(key)
         if job is None or not ok:
-            return  # finished meanwhile, or started: it stays where it runs
+            return []  # finished meanwhile, or started: it stays where it runs
         del worker.assigned[key]
         job.worker = None
         worker.isolated = worker.isolated and bool(worker.assigned)
         if job.client.ident in self.clients and job.seq in job.client.jobs:
-            self.queue.appendleft(job)
-            self.queued += 1
+            return [job]
+        return []
 
     def _steal(self) -> None:
         """Queue empty, a worker idle: take back half the unstarted jobs of the busiest."""
