@@ -249,6 +249,7 @@ class Scheduler:
             peer: Peer = Worker(ident, info, now)
             self.workers[ident] = peer
             self.peak_workers = max(self.peak_workers, len(self.workers))
+            self._went_idle = True  # it may take jobs prefetched elsewhere (stealing)
         elif role == "client":
             peer = Client(ident, info, now, self._next_cid)
             self._next_cid += 1
