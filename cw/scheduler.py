@@ -249,6 +249,7 @@ class Scheduler:
             peer: Peer = Worker(ident, info, now)
             self.workers[ident] = peer
             self.peak_workers = max(self.peak_workers, len(self.workers))
+            self._went_idle = True  # it may take jobs prefetched elsewhere (stealing)
         elif role == "client":
             peer = Client(ident, info, now, self._next_cid)
             self._next_cid += 1
@@ -573,10 +574,11 @@ class Scheduler:
     def cancelled(self, worker: Worker, entries: list) -> None:
         """A worker answered cancel requests: ok means it dropped the job unstarted.
         Answers nobody asked for are ignored (they would drop a client's job unsettled)."""
+        stolen: list[Job] = []
         for entry in entries:
             cid, seq, ok = entry
             if (cid, seq) in worker.stealing:
-                self._stolen(worker, (cid, seq), bool(ok))
+                stolen.extend(self._stolen(worker, (cid, seq), bool(ok)))
                 continue
             job = worker.assigned.get((cid, seq))
             if (cid, seq) not in worker.cancelling:
@@ -593,19 +595,21 @@ class Scheduler:
             if client is not None:
                 client.out_cancelled.append([seq, bool(ok)])
                 self._dirty[client.ident] = client
+        self.queue.extendleft(reversed(stolen))  # given back: the front, in their order
+        self.queued += len(stolen)
 
-    def _stolen(self, worker: Worker, key: tuple[int, int], ok: bool) -> None:
-        """A steal answered: a job given back goes to the front of the queue."""
+    def _stolen(self, worker: Worker, key: tuple[int, int], ok: bool) -> list[Job]:
+        """A steal answered: the job given back, to queue again (none if it stays)."""
         worker.stealing.discard(key)
         job = worker.assigned.get(key)
         if job is None or not ok:
-            return  # finished meanwhile, or started: it stays where it runs
+            return []  # finished meanwhile, or started: it stays where it runs
         del worker.assigned[key]
         job.worker = None
         worker.isolated = worker.isolated and bool(worker.assigned)
         if job.client.ident in self.clients and job.seq in job.client.jobs:
-            self.queue.appendleft(job)
-            self.queued += 1
+            return [job]
+        return []
 
     def _steal(self) -> None:
         """Queue empty, a worker idle: take back half the unstarted jobs of the busiest."""
