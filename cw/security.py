@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
@@ -57,7 +57,7 @@ def new_keys() -> dict:
     return keys
 
 
-def has_keys(info: Optional[dict], fields=KEY_FIELDS) -> bool:
+def has_keys(info: dict | None, fields=KEY_FIELDS) -> bool:
     return bool(info) and all(isinstance(info.get(k), str) for k in fields)
 
 
@@ -73,7 +73,7 @@ def secure_server(sock: zmq.Socket, keys: dict) -> None:
     sock.setsockopt(zmq.ZAP_DOMAIN, b"cw")
 
 
-def secure_client(sock: zmq.Socket, keys: Optional[dict]) -> None:
+def secure_client(sock: zmq.Socket, keys: dict | None) -> None:
     """Give a connecting socket its role's keys (call before connect; None: plain)."""
     if keys is None:
         return
@@ -105,7 +105,7 @@ def start_authenticator(ctx: zmq.Context, keys: dict, log: logging.Logger) -> Th
     return auth
 
 
-def role_of(frame: zmq.Frame, keys: Optional[dict]) -> Optional[str]:
+def role_of(frame: zmq.Frame, keys: dict | None) -> str | None:
     """The role whose key the sender of ``frame`` presented (ZAP's User-Id is the z85
     public key); None if it came in without CURVE (the local socket, --insecure)."""
     if keys is None:
@@ -136,7 +136,7 @@ class Route(NamedTuple):
     """How to reach a master: the endpoint to dial and the keys to dial it with."""
 
     endpoint: str
-    keys: Optional[dict]
+    keys: dict | None
     known: bool  # a connection file for this master was found
 
 
@@ -166,17 +166,17 @@ def route_for(host: str, port: int, allow_local: bool = True, role: str = "clien
     return Route(f"tcp://{host}:{port}", keys, info is not None)
 
 
-def keys_for(host: str, port: int, role: str = "client") -> Optional[dict]:
+def keys_for(host: str, port: int, role: str = "client") -> dict | None:
     """The ``role`` keys of the master at ``host:port``, from this user's connection files."""
     return _keys(connection_info(host, port, role), role)
 
 
-def _keys(info: Optional[dict], role: str) -> Optional[dict]:
+def _keys(info: dict | None, role: str) -> dict | None:
     fields = PEER_FIELDS[role]
     return {k: info[k] for k in fields} if has_keys(info, fields) else None
 
 
-def _no_keys(host: str, port: int, role: str, info: Optional[dict]) -> NoKeys:
+def _no_keys(host: str, port: int, role: str, info: dict | None) -> NoKeys:
     path = address.master_connection_file(host, port, FOLDERS[role])
     if info is not None and info.get("insecure"):
         why = (f"the master at {host}:{port} runs --insecure (no keys): pass insecure=True "
@@ -194,7 +194,7 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
-def connection_info(host: str, port: int, role: str = "client") -> Optional[dict]:
+def connection_info(host: str, port: int, role: str = "client") -> dict | None:
     """The ``role`` connection file of the master at ``host:port`` this user can see.
 
     Files for the same port are candidates; one whose recorded host is ``host``, or

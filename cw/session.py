@@ -45,7 +45,8 @@ import time
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import CancelledError
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import msgpack
 
@@ -79,9 +80,9 @@ class ClientJob:
 class Session:
     """Submit jobs, get their outcomes through two callbacks (run in the I/O thread)."""
 
-    def __init__(self, host: Optional[str], port: Optional[int],
+    def __init__(self, host: str | None, port: int | None,
                  on_started: Callable[[Any], None],
-                 on_done: Callable[[Any, Optional[BaseException], Any], None],
+                 on_done: Callable[[Any, BaseException | None, Any], None],
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
@@ -90,7 +91,7 @@ class Session:
         self.master_timeout = master_timeout
         self.lock = threading.Lock()
         self.delivering = threading.Lock()        # callbacks run one at a time
-        self.deliverer: Optional[int] = None      # the thread running them now
+        self.deliverer: int | None = None      # the thread running them now
         self.jobs: dict[int, ClientJob] = {}      # unsettled jobs, by seq
         self.unsent: list[ClientJob] = []
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
@@ -108,8 +109,8 @@ class Session:
         self.seqs = itertools.count(1)
         self.closed = False
         # the lane (under lock): a worker's socket path, our id there, a connection to it
-        self.inbox: Optional[str] = None          # where lane results come (I/O thread)
-        self.lane: Optional[str] = None
+        self.inbox: str | None = None          # where lane results come (I/O thread)
+        self.lane: str | None = None
         self.lane_cid = 0
         self.lane_sock = None                     # a socket.socket to the worker's lane
         self.lane_has: set[bytes] = set()         # digests sent on this lane
@@ -123,7 +124,7 @@ class Session:
 
     # ---------------------------------------------------------------- user side
     def submit(self, func: Callable, args: tuple, kwargs: dict, token: Any,
-               opts: Optional[dict] = None) -> int:
+               opts: dict | None = None) -> int:
         """Queue one call; raise SerializationError at once if it will not pickle."""
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
@@ -451,7 +452,7 @@ class Session:
             seqs = [seq for seq, (_, ep) in self.on_lane.items() if ep == endpoint]
         self._resend_from_lane(seqs, None if graceful else str(why))
 
-    def _resend_from_lane(self, seqs: list, loss: Optional[str]) -> None:
+    def _resend_from_lane(self, seqs: list, loss: str | None) -> None:
         with self.lock:
             jobs = [self.on_lane.pop(seq)[0] for seq in seqs if seq in self.on_lane]
             jobs = [job for job in jobs if self.jobs.get(job.seq) is job]
@@ -538,7 +539,7 @@ class Session:
             log.exception("a result callback raised")
 
 
-def decode_outcome(status: int, payload: list, seq: int) -> tuple[Optional[BaseException], Any]:
+def decode_outcome(status: int, payload: list, seq: int) -> tuple[BaseException | None, Any]:
     """Turn a RESULTS entry into ``(error, value)``; never raises."""
     try:
         if status == P.OK:

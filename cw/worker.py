@@ -39,7 +39,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Optional
 
 import cloudpickle
 import msgpack
@@ -80,7 +79,7 @@ class LocalJob:
                  "_interrupted")
 
     def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts, epoch: int,
-                 lane: Optional[str] = None):
+                 lane: str | None = None):
         self.cid, self.seq, self.digest, self.frames, self.opts = cid, seq, digest, frames, opts
         self.epoch = epoch  # which registration with the master it came under
         self.lane = lane    # a lane job: the inbox of the client that sent it
@@ -90,16 +89,16 @@ class LocalJob:
 class Worker:
     """One worker process: connects, registers and runs jobs until stopped."""
 
-    def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
+    def __init__(self, host: str | None = None, port: int | None = None,
                  slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
-                 link: Optional["SupervisorLink"] = None, insecure: bool = False):
+                 link: SupervisorLink | None = None, insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
         self.link = link  # to our supervisor (None: run by hand)
         self.slots = slots
         self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
         self.max_memory = max_memory      # recycle when RSS passes this many MB (0: never)
         self.recycle = False
-        self.current: Optional[LocalJob] = None   # the running job (set under cond)
+        self.current: LocalJob | None = None   # the running job (set under cond)
         self.deadline = 0.0                       # monotonic time it must end by, 0: none
         self.in_job = False                       # main thread is inside the job's code
         self.cond = threading.Condition()
@@ -120,15 +119,15 @@ class Worker:
         self.running = True
         # main thread only
         self.functions: dict[tuple[int, bytes], object] = {}
-        self.current_cid: Optional[int] = None
+        self.current_cid: int | None = None
         self.base_path = list(sys.path)
         self.base_cwd = os.getcwd()
         self.jobs_done = 0
-        self.results_out: Optional[lane.Outlets] = None  # lane results to client inboxes
+        self.results_out: lane.Outlets | None = None  # lane results to client inboxes
         self.result_inboxes: dict[int, str] = {}      # cid -> its inbox, for FORGET
         # I/O thread only
-        self.flusher: Optional[PeriodicCallback] = None
-        self.io_out: Optional[lane.Outlets] = None    # BOUNCE and LSTARTED to client inboxes
+        self.flusher: PeriodicCallback | None = None
+        self.io_out: lane.Outlets | None = None    # BOUNCE and LSTARTED to client inboxes
         self.io_inboxes: dict[int, str] = {}
         info = peer_info(slots=slots, supervisor=os.getppid() if link else None)
         self.conn = Connection(self.host, self.port, "worker", info,
@@ -136,7 +135,7 @@ class Worker:
                                on_begin=self._open_lane, insecure=insecure)
 
     # ---------------------------------------------------------------- main thread
-    def run(self, connect_timeout: Optional[float] = None) -> None:
+    def run(self, connect_timeout: float | None = None) -> None:
         """Register, then run jobs until SIGINT/SIGTERM or ``stop()``."""
         log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
         self.conn.start(connect_timeout)
@@ -323,7 +322,7 @@ class Worker:
     def _has_notes(self) -> bool:
         return bool(self.out_started or self.out_done or self.out_lane)
 
-    def _take_outbox(self) -> Optional[list]:
+    def _take_outbox(self) -> list | None:
         """The outbox as one RESULTS message (None if empty), emptied."""
         if not self._has_notes():
             return None
@@ -602,8 +601,8 @@ class Supervisor:
     heartbeat timeout, and its slot is restarted (with a back-off if it keeps dying).
     """
 
-    def __init__(self, argv: list[str], n: int, host: Optional[str] = None,
-                 port: Optional[int] = None, insecure: bool = False):
+    def __init__(self, argv: list[str], n: int, host: str | None = None,
+                 port: int | None = None, insecure: bool = False):
         self.argv = argv
         self.n = n
         self.children: dict[int, subprocess.Popen] = {}
@@ -729,7 +728,7 @@ class Supervisor:
                 proc.kill()
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cw-worker", description=(
         "Run cw worker processes that take jobs from a cw master."))
     parser.add_argument("host", nargs="?", default=None,
@@ -773,7 +772,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     return argv + ["--insecure"] * args.insecure
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
     cli.raise_fd_limit()

@@ -12,7 +12,7 @@ re-checked and the drain is re-scheduled if messages are waiting.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import zmq
 from tornado.ioloop import IOLoop
