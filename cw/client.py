@@ -28,7 +28,7 @@ from .peer import DEFAULT_CONNECT_TIMEOUT
 from .scheduler import DEFAULT_MAX_RETRIES
 from .session import DEFAULT_MASTER_TIMEOUT, Session
 
-log = logging.getLogger("cw.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAP_WINDOW = 20_000  # jobs of one map() in flight at once
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 from .throughput import HISTORY, SAMPLE_INTERVAL, WINDOW, Throughput  # noqa: F401
 
-log = logging.getLogger("cw.dashboard")
+log = logging.getLogger(__name__)
 
 class DashboardError(CwError):
     """The dashboard could not start (its port is taken, its address is not local...)."""

@@ -28,7 +28,7 @@ from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBa
 from .client import ClusterExecutor
 from .status import status
 
-log = logging.getLogger("cw.joblib")
+log = logging.getLogger(__name__)
 
 NAME = "cw"
 

@@ -49,7 +49,7 @@ from collections.abc import Callable
 from . import cli, local
 from .errors import ProtocolError
 
-log = logging.getLogger("cw.lane")
+log = logging.getLogger(__name__)
 
 COUNT = struct.Struct("<I")
 LENGTH = struct.Struct("<Q")

@@ -40,7 +40,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 MAX_PATH = 100  # a Unix socket path must fit in sun_path (108 bytes on Linux)
 
-log = logging.getLogger("cw.master")
+log = logging.getLogger(__name__)
 
 
 def machine_id() -> str:

@@ -42,7 +42,7 @@ from .scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker, died_entry
 from .throughput import SAMPLE_INTERVAL, Throughput
 from .zloop import SocketLoop
 
-log = logging.getLogger("cw.master")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0

@@ -35,7 +35,7 @@ from .launch import (LaunchError, allocated, child_env, log_tail, print_master_s
                      wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 START_TIMEOUT = 30.0   # seconds start() waits for the master and the workers
 STOP_TIMEOUT = 10.0    # seconds stop() waits after SIGTERM before SIGKILL

@@ -70,7 +70,7 @@ class Connection:
         self.on_silence = on_silence
         self.on_begin = on_begin
         self.listening: list[lane.Listener] = []
-        self.log = logger or logging.getLogger(f"cw.{role}")
+        self.log = logger or logging.getLogger(__name__)
         self.identity = uuid.uuid4().bytes
         self.info = {**info, "alias": P.alias_of(self.identity)}
         self.forgotten = False

@@ -20,7 +20,7 @@ from concurrent.futures import as_completed as futures_as_completed
 from typing import IO
 from collections.abc import Iterable, Iterator
 
-log = logging.getLogger("cw.progress")
+log = logging.getLogger(__name__)
 
 _warned = False
 

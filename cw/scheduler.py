@@ -65,7 +65,7 @@ from .errors import ProtocolError, QuotaExceeded, WorkerLost
 from .lane import is_endpoint
 from .serialize import dumps
 
-log = logging.getLogger("cw.master")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RETRIES = 3
 PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)

@@ -99,7 +99,7 @@ class _OnlyOurClients:
 
 def start_authenticator(ctx: zmq.Context, keys: dict, log: logging.Logger) -> ThreadAuthenticator:
     """Run the ZAP handler that admits only holders of a client or a worker key."""
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("cw.master.zap"))
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
     auth.start()
     auth.configure_curve_callback(domain="cw", credentials_provider=_OnlyOurClients(keys, log))
     return auth
@@ -160,7 +160,7 @@ def route_for(host: str, port: int, allow_local: bool = True, role: str = "clien
     if keys is None and not insecure:
         raise _no_keys(host, port, role, info)
     if keys is None:
-        logging.getLogger(f"cw.{role}").warning(
+        logging.getLogger(__name__).warning(
             "talking to %s:%d over plain TCP without keys (insecure): any local user "
             "listening there could run code as you", host, port)
     return Route(f"tcp://{host}:{port}", keys, info is not None)

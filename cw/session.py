@@ -56,7 +56,7 @@ from . import serialize
 from .errors import MasterLost, ProtocolError, RemoteException, RemoteTraceback, SerializationError
 from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
 
-log = logging.getLogger("cw.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512

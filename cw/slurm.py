@@ -39,7 +39,7 @@ from .launch import (LaunchError, allocated, log_tail, print_master_status, pyth
                      wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 JOB_MASTER = "cmaster"
 JOB_WORKERS = "cworkers"

@@ -40,7 +40,7 @@ from . import address, cli
 from .errors import CwError, MasterUnreachable
 from .status import status as master_status
 
-log = logging.getLogger("cw.ssh")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 SSH_DEFAULTS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 SSH_TIMEOUT = 60.0      # seconds one ssh command may take, on top of any remote wait

@@ -51,7 +51,7 @@ from .errors import (CwError, JobTimeout, MasterUnreachable, NoKeys, ProtocolErr
                      SecurityError)
 from .peer import Alias, Connection, check_size, peer_info
 
-log = logging.getLogger("cw.worker")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 RESULT_TIMEOUT = 30.0      # seconds a lane result may wait for its client to read it
 LANE_RESULT_MAX = 64 << 10  # larger lane results go through the master (they never block us)

@@ -19,7 +19,7 @@ from tornado.ioloop import IOLoop
 
 BATCH = 1000
 
-log = logging.getLogger("cw.zloop")
+log = logging.getLogger(__name__)
 
 
 class SocketLoop:
