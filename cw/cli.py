@@ -13,7 +13,7 @@ from collections.abc import Callable
 def env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
     """``$CW_<NAME>`` cast to the flag's type, else ``default``."""
     raw = os.environ.get("CW_" + name.upper().replace("-", "_"))
-    return default if raw in (None, "") else cast(raw)
+    return cast(raw) if raw else default
 
 
 def add_flag(parser: argparse.ArgumentParser, *names: str, default: Any = None,

@@ -166,7 +166,7 @@ class PeerCheck:
 
     def strangers(self, shut: bool = False) -> list[int]:
         """Uids of new peers that are not this user; ``shut``: cut their connections."""
-        found = []
+        found: list[int] = []
         while True:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)

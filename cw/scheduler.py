@@ -58,7 +58,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from . import protocol as P
 from .errors import ProtocolError, QuotaExceeded, WorkerLost
@@ -246,8 +246,8 @@ class Scheduler:
             known.last_seen = now
             return known
         if role == "worker":
-            peer: Peer = Worker(ident, info, now)
-            self.workers[ident] = peer
+            worker = self.workers[ident] = Worker(ident, info, now)
+            peer: Peer = worker
             self.peak_workers = max(self.peak_workers, len(self.workers))
         elif role == "client":
             peer = Client(ident, info, now, self._next_cid)
@@ -447,7 +447,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- workers
     def results(self, worker: Worker, started: list, done: list, frames: list,
-                now: float, busy: float = -1.0, lane: list = ()) -> None:
+                now: float, busy: float = -1.0, lane: Sequence = ()) -> None:
         """Record jobs a worker started and finished; pass results to their clients.
 
         ``busy`` is the seconds the worker spent running the ``done`` jobs; ``lane`` lists

@@ -37,7 +37,7 @@ def status(host: str | None = None, port: int | None = None,
         security.secure_client(sock, route.keys)
         sock.connect(route.endpoint)
         sock.send(P.pack(P.STATUS))
-        if not sock.poll(timeout * 1000):
+        if not sock.poll(int(timeout * 1000)):
             raise MasterUnreachable(f"no cw master answered at {host}:{port} within "
                                     f"{timeout:g} s")
         header = P.unpack(sock.recv())

@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Sequence
 
 import cloudpickle
 import msgpack
@@ -311,7 +312,7 @@ class Worker:
         self.forgotten.clear()
 
     # ---------------------------------------------------------------- outbox (under cond)
-    def _note(self, started: list, done: list, frames: list, lane_done: list = ()) -> None:
+    def _note(self, started: list, done: list, frames: list, lane_done: Sequence = ()) -> None:
         if not self._has_notes():
             self.out_since = time.monotonic()
         self.out_started.extend(started)
