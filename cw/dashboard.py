@@ -104,7 +104,10 @@ class PageHandler(Handler):
 
 
 class StatusHandler(Handler):
-    def initialize(self, allowed: set[str], master: Master, throughput: Throughput) -> None:
+    # tornado calls initialize with each route's own keyword arguments: the handlers'
+    # signatures differ by design
+    def initialize(  # type: ignore[override]
+            self, allowed: set[str], master: Master, throughput: Throughput) -> None:
         super().initialize(allowed)
         self.master = master
         self.throughput = throughput

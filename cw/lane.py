@@ -45,6 +45,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from typing import cast
 
 from . import cli, local
 from .errors import ProtocolError
@@ -155,13 +156,13 @@ class Listener:
                         return
                     if key.fileobj is self.server:
                         self._accept()
-                    else:
-                        self._serve(key.fileobj, key.data)
+                    else:  # a connection _accept registered
+                        self._serve(cast(socket.socket, key.fileobj), key.data)
         except Exception:
             self.log.exception("the %s listener failed", self.endpoint)
         finally:
             for key in list(self.sel.get_map().values()):
-                key.fileobj.close()
+                cast(socket.socket, key.fileobj).close()  # all ours are sockets
             self.sel.close()
             self._wake_w.close()
             with contextlib.suppress(OSError):

@@ -93,7 +93,7 @@ def log_tail(path: os.PathLike | str, lines: int = 10) -> str:
 
 def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
                   known: frozenset = frozenset(),
-                  check: Callable[[], None] | None = None) -> dict:
+                  check: Callable[[], object] | None = None) -> dict:
     """Poll the master until it answers and ``nworkers`` workers not in ``known`` (names)
     have registered; return its last status.
 

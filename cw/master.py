@@ -33,7 +33,9 @@ from collections.abc import Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
+from zmq.auth.thread import ThreadAuthenticator
 
 from . import address, cli, local, security
 from . import protocol as P
@@ -90,7 +92,7 @@ class Master:
         self.peer_at: dict[int, bytes] = {}         # ... and back
         self.unbound: set[bytes] = set()            # reconnected: descriptor not known yet
         self.keys: dict | None = None
-        self.auth = None
+        self.auth: ThreadAuthenticator | None = None
         self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
                                max_function_bytes=max_function_bytes)
         self.ctx = zmq.Context()
@@ -98,7 +100,7 @@ class Master:
         self.loop: IOLoop | None = None
         self.dashboard_port = dashboard_port  # None: no dashboard; 0: any free port
         self.dashboard_host = dashboard_host
-        self.dashboard = None
+        self.dashboard: HTTPServer | None = None
         self.throughput = Throughput()
         self.files: list[Path] = []
         self.welcome_info = {"heartbeat_interval": heartbeat_interval,
@@ -160,6 +162,7 @@ class Master:
         event = parse_monitor_message([f.bytes for f in frames])
         if event["event"] == zmq.EVENT_DISCONNECTED:
             return self._closed(int(event["value"]))
+        assert self.local_check is not None  # it watches the local socket
         uid = self.local_check.stranger(frames, shut=True)
         if uid is not None:
             log.warning("cut off a connection from uid %d to the local socket", uid)
@@ -215,6 +218,7 @@ class Master:
             return
         del self.fd_of[ident]
         grace = WORKER_CLOSE_GRACE if ident in self.state.workers else CLOSE_GRACE
+        assert self.loop is not None  # run() set it: only its loop calls us
         self.loop.call_later(grace, self._closed_for_good, ident)
 
     def _closed_for_good(self, ident: bytes) -> None:
@@ -339,9 +343,10 @@ class Master:
               sock: zmq.Socket | None = None) -> bool | None:
         """Send to a peer: on ``sock``, else on the socket it registered on. True: sent;
         None: its queue is full (it does not read), send again later; False: it is gone."""
+        target = sock or self.routes.get(ident, self.sock)
+        assert target is not None  # bound before any peer could talk
         try:
-            (sock or self.routes.get(ident, self.sock)).send_multipart(
-                [ident, *frames], zmq.NOBLOCK, copy=False)
+            target.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return None
@@ -432,6 +437,7 @@ class Master:
         if kind == P.DIED and peer.ident in state.supervisors:
             _, pid, code, lived = header
             died_entry(pid, code, lived)
+            assert self.loop is not None  # run() set it: only its loop calls us
             self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
             return
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")

@@ -136,6 +136,7 @@ class Connection:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         if not self.welcomed.wait(timeout):
             self.close()
+            assert self.route is not None  # open() waited for it
             hint = ("" if self.route.known else "; it runs without keys, as we were told: "
                     "insecure")
             raise MasterUnreachable(f"no cw master answered at {self.endpoint} within "
@@ -147,6 +148,7 @@ class Connection:
 
     def call(self, fn: Callable, *args) -> None:
         """Run ``fn(*args)`` in the I/O thread (thread-safe, returns at once)."""
+        assert self.loop is not None, "call() before open()"
         self.loop.add_callback(fn, *args)
 
     def in_io_thread(self) -> bool:
@@ -206,20 +208,20 @@ class Connection:
 
     def _run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        self.loop = IOLoop(make_current=False)
+        self.loop = loop = IOLoop(make_current=False)
         self.ctx = zmq.Context()
         self.sock, self.check = self._connect()
-        self.loop.add_callback(self._begin)
+        loop.add_callback(self._begin)
         self._ready.set()
         try:
-            self.loop.start()
+            loop.start()
         finally:  # linger only to deliver BYE to a master that knows us
             self._stop_listening()
             if self.check is not None:
                 self.check.close()
             self.sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
-            self.loop.close(all_fds=False)
+            loop.close(all_fds=False)
 
     def _connect(self, identity: bytes | None = None, rcvhwm: int = 0,
                  route: security.Route | None = None
@@ -228,6 +230,7 @@ class Connection:
         unless the alias needs another), and on the local socket the check of who is at
         the other end of the connection it makes."""
         route = route or self.route
+        assert route is not None  # open() waited for the keys
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
         ipc = route.endpoint.startswith("ipc://")
@@ -256,6 +259,7 @@ class Connection:
         return True
 
     def _begin(self) -> None:
+        assert self.loop is not None  # the I/O thread's, set before it runs us
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
         self.on_begin()
         self._hello()
@@ -279,6 +283,7 @@ class Connection:
             self.check.close()
         self.sock.close(linger=0)
         self.sock, self.check = self._connect()
+        assert self.loop is not None  # the I/O thread's: we run in it
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
 
     def _hello(self) -> None:
@@ -290,6 +295,7 @@ class Connection:
         self.ticker.stop()
         self.reader.close()
         self._stop_listening()
+        assert self.loop is not None  # the I/O thread's: we run in it
         self.loop.stop()
 
     def _tick(self) -> None:
@@ -392,10 +398,12 @@ class Alias:
             self._open(tcp=True)
         elif self.check is not None and self.check.ended:
             self._open()  # the local connection is over: dial again, checking the path
+        assert self.sock is not None  # _open() made it
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:  # no peer (the local connection ended): dial again, checking it
             self._open()
+            assert self.sock is not None  # _open() made it
             try:
                 self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
@@ -418,6 +426,7 @@ class Alias:
         on."""
         self.close(linger=0)
         self.route = route = self.conn.route
+        assert route is not None  # the peer is connected
         if route.endpoint.startswith("ipc://") and (tcp or not local.present(route.endpoint)):
             route = self.conn._find_route(allow_local=False) or route
         self.sock, self.check = self.conn._connect(self.conn.info["alias"], rcvhwm=1,

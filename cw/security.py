@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, TypeGuard
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import address, local
+from . import address, cli, local
 from .errors import NoKeys, SecurityError
 
 ROLE_KEYS = {"client": ("client_public", "client_secret"),
@@ -57,8 +58,10 @@ def new_keys() -> dict:
     return keys
 
 
-def has_keys(info: dict | None, fields=KEY_FIELDS) -> bool:
-    return bool(info) and all(isinstance(info.get(k), str) for k in fields)
+def has_keys(info: dict | None, fields=KEY_FIELDS) -> TypeGuard[dict]:
+    if not info:
+        return False
+    return all(isinstance(info.get(k), str) for k in fields)
 
 
 def peer_keys(keys: dict, role: str) -> dict:
@@ -86,7 +89,7 @@ def secure_client(sock: zmq.Socket, keys: dict | None) -> None:
 class _OnlyOurClients:
     """ZAP credentials provider: the clients' and the workers' public keys of this master."""
 
-    def __init__(self, keys: dict, log: logging.Logger):
+    def __init__(self, keys: dict, log: logging.Logger | cli.Throttled):
         self.allowed = {keys[pair[0]].encode() for pair in ROLE_KEYS.values()}
         self.log = log
 
@@ -97,7 +100,8 @@ class _OnlyOurClients:
         return False
 
 
-def start_authenticator(ctx: zmq.Context, keys: dict, log: logging.Logger) -> ThreadAuthenticator:
+def start_authenticator(ctx: zmq.Context, keys: dict,
+                        log: logging.Logger | cli.Throttled) -> ThreadAuthenticator:
     """Run the ZAP handler that admits only holders of a client or a worker key."""
     auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
     auth.start()
@@ -124,7 +128,7 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-def describe_event(event: dict) -> str:
+def describe_event(event: Mapping[str, Any]) -> str:
     """A log line for a socket-monitor event of a refused handshake."""
     names = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
              zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol: wrong or no keys)",

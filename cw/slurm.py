@@ -246,7 +246,7 @@ def _submit_master(port: int, options: Sequence[str], log_level: str) -> str:
                    ["--ntasks=1", f"--comment={PORT_TAG}{port}", *options])
 
 
-def _worker_command(docker_image: str | None, docker_args: str, master: tuple | None,
+def _worker_command(docker_image: str | None, docker_args: str, master: tuple,
                     log_level: str) -> list[str]:
     if not docker_image:
         return [sys.executable, "-m", "cw.worker", "--slurm", "--log-level", log_level]
@@ -292,7 +292,7 @@ class _Watch:
     def master(self, timeout: float) -> Job:
         """Wait until the submitted master job runs; return it."""
         for _ in _poll(timeout):
-            job = self.check().get(self.submitted[JOB_MASTER])
+            job = self.check()[self.submitted[JOB_MASTER]]  # check() raises if it is gone
             if job.state == "RUNNING" and job.node:
                 log.info("%s", job.describe())
                 return job
@@ -332,7 +332,7 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
             host, port = find_master(timeout) if port is None else (master_host(timeout), port)
             if host is None:
                 raise LaunchError(f"no running {JOB_MASTER} job found for the workers")
-        known = frozenset() if master else worker_names(host, port)
+        known = frozenset() if master or host is None else worker_names(host, port)
         if workers and nworkers > 0:  # submitted before the master runs: scheduled together
             command = _worker_command(docker_image, docker_args, (host, port), log_level)
             submitted[JOB_WORKERS] = _submit_workers(

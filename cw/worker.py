@@ -85,6 +85,7 @@ class LocalJob:
         self.epoch = epoch  # which registration with the master it came under
         self.lane = lane    # a lane job: the inbox of the client that sent it
         self.told = False   # a lane job's client was told it started
+        self._interrupted = False  # SIGUSR1 sent for passing its timeout
 
 
 class Worker:
@@ -214,6 +215,7 @@ class Worker:
     def _lane_done(self, job: LocalJob, status: int, frames: list) -> None:
         """Send a lane job's outcome straight to its client (a large one through the master,
         so a client slow to read never stalls us); the master counts it from our note."""
+        assert job.lane is not None and self.results_out is not None  # a lane job, run()
         with self.cond:
             self.current, self.deadline = None, 0.0
             known = job.cid in self.contexts  # else its client is gone (FORGET)
@@ -305,7 +307,7 @@ class Worker:
             for key in [k for k in self.functions if k[0] == cid]:
                 del self.functions[key]
             inbox = self.result_inboxes.pop(cid, None)
-            if inbox:
+            if inbox and self.results_out is not None:
                 self.results_out.close(inbox)
             if self.current_cid == cid:
                 self.current_cid = None
@@ -356,16 +358,17 @@ class Worker:
             job = self.current
             tell = job is not None and job.lane and not job.told and \
                 now - self.current_since >= FLUSH_INTERVAL
-            if tell:
+            if tell and job is not None:  # (mypy does not narrow job through tell)
                 job.told = True
-        if tell:  # it runs on: its client may show it running, the master feeds others
+        if tell and job is not None and job.lane is not None:
+            # it runs on: its client may show it running, the master feeds others
             self._tell(job.cid, job.lane, P.LSTARTED, job.seq)
             self.conn.send([P.pack(P.LANE_BUSY, job.cid, job.seq)])
         with self.cond:
             idle = not self.pending and self.current is None and not self._has_notes()
             if idle:
                 self.ticking = False
-        if idle:
+        if idle and self.flusher is not None:
             self.flusher.stop()
 
     def _time_up(self, now: float) -> None:
@@ -374,10 +377,12 @@ class Worker:
         if job is None:
             return
         if now < self.deadline + TIMEOUT_GRACE:
-            if not getattr(job, "_interrupted", False):
+            if not job._interrupted:
                 job._interrupted = True
                 log.warning("job %d passed its timeout; interrupting it", job.seq)
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                main = threading.main_thread().ident
+                assert main is not None  # it runs us
+                signal.pthread_kill(main, signal.SIGUSR1)
             return
         log.error("job %d ignores its timeout; reporting it and replacing this worker", job.seq)
         frames = error_frames(_timeout_error(job))
@@ -408,7 +413,7 @@ class Worker:
             with self.cond:
                 for cid in header[1]:
                     inbox = self.io_inboxes.pop(cid, None)
-                    if inbox:
+                    if inbox and self.io_out is not None:
                         self.io_out.close(inbox)
                     self.contexts.pop(cid, None)
                     for key in [k for k in self.blobs if k[0] == cid]:
@@ -474,6 +479,7 @@ class Worker:
     def _tell(self, cid: int, inbox: str, kind: int, seq: int) -> None:
         """A note to a lane job's client (I/O thread)."""
         self.io_inboxes[cid] = inbox
+        assert self.io_out is not None  # _begin() made it, before any lane job came
         if lane.unreachable(self.io_out.send(inbox, [P.pack(kind, seq)])):
             self.conn.send([P.pack(P.LANE_REFUSED, cid)])
 

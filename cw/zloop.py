@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import cast
 
 import zmq
 from tornado.ioloop import IOLoop
@@ -37,7 +38,8 @@ class SocketLoop:
 
     def kick(self) -> None:
         """Schedule a drain if messages are waiting (call after sending)."""
-        if not self._scheduled and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # pyzmq's stubs say int | bytes for every option; EVENTS is an int
+        if not self._scheduled and cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._scheduled = True
             self.loop.add_callback(self._drain)
 
