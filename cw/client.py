@@ -56,7 +56,8 @@ class CwFuture(Future):
         if not super().cancel():
             return False
         _notify(self)  # wait() and as_completed() learn of it only from this call
-        self._executor._futures.pop(self._seq, None)
+        if self._seq is not None:  # else it was never submitted
+            self._executor._futures.pop(self._seq, None)
         return True
 
 
@@ -176,12 +177,12 @@ class ClusterExecutor(Executor):
     # ---------------------------------------------------------------- extras
     def cancel_many(self, futures: Iterable[Future]) -> int:
         """Cancel many futures in one round trip; return how many were cancelled."""
-        mine = [f for f in futures if isinstance(f, CwFuture) and not f.done()
+        mine = [(f._seq, f) for f in futures if isinstance(f, CwFuture) and not f.done()
                 and not f.running() and f._seq is not None]
-        answers = self._session.cancel([f._seq for f in mine])
+        answers = self._session.cancel([seq for seq, _ in mine])
         cancelled = 0
-        for future in mine:
-            if answers.get(future._seq) and future._cancelled_by_cluster():
+        for seq, future in mine:
+            if answers.get(seq) and future._cancelled_by_cluster():
                 cancelled += 1
         return cancelled
 
@@ -228,7 +229,8 @@ class ClusterExecutor(Executor):
                 future.set_exception(error)
         except InvalidStateError:
             pass  # cancelled meanwhile
-        self._futures.pop(future._seq, None)
+        if future._seq is not None:
+            self._futures.pop(future._seq, None)
 
     def __repr__(self) -> str:
         return f"<ClusterExecutor master={self._session.conn.endpoint}>"
@@ -328,6 +330,7 @@ class ClientThread:
             self.start()
         with self._cond:
             self._outstanding += 1
+        assert self._session is not None  # start() made it
         try:
             self._session.submit(func, args, kwargs, jobid)
         except SerializationError as exc:

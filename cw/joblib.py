@@ -53,9 +53,10 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         super().__init__(nesting_level=nesting_level,
                          inner_max_num_threads=inner_max_num_threads, **kwargs)
         self.host, self.port = host, port
-        self.executor_options = {k: v for k, v in (("connect_timeout", connect_timeout),
-                                                   ("master_timeout", master_timeout))
-                                 if v is not None}
+        # keyword arguments of ClusterExecutor (Any: mypy checks **a dict against all of them)
+        self.executor_options: dict[str, Any] = {
+            k: v for k, v in (("connect_timeout", connect_timeout),
+                              ("master_timeout", master_timeout)) if v is not None}
         self.executor: ClusterExecutor | None = None
         self.callbacks: ThreadPoolExecutor | None = None
         self.pending: set[Future] = set()
@@ -89,6 +90,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     # ---------------------------------------------------------------- jobs
     def submit(self, func: Callable[[], Any], callback: Callable | None = None) -> Future:
         """Send one batch to the cluster; ``callback(future)`` runs on the backend's thread."""
+        assert self.executor is not None and self.callbacks is not None  # configure() ran
         future = self.executor.submit(_run, func)
         with self.lock:
             self.pending.add(future)

@@ -39,6 +39,7 @@ import itertools
 import logging
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
@@ -112,7 +113,7 @@ class Session:
         self.inbox: str | None = None          # where lane results come (I/O thread)
         self.lane: str | None = None
         self.lane_cid = 0
-        self.lane_sock = None                     # a socket.socket to the worker's lane
+        self.lane_sock: socket.socket | None = None  # to the worker's lane
         self.lane_has: set[bytes] = set()         # digests sent on this lane
         self.on_lane: dict[int, tuple[ClientJob, str]] = {}  # seq -> (job, lane endpoint)
         info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
@@ -157,7 +158,7 @@ class Session:
     def _to_lane(self, job: ClientJob) -> bool:
         """Send a lone job on the lane (under lock); False if there is none or it is not
         connected (yet, or any more): then it goes through the master."""
-        if self.lane_sock is None:
+        if self.lane_sock is None or self.lane is None:  # (both are set together)
             return False
         has_blob = job.digest not in self.lane_has
         if has_blob and len(self.lane_has) >= DIGESTS_KEPT:
@@ -421,6 +422,7 @@ class Session:
                 self._drop_lane()
             waiting = any(ep == peer for _, ep in self.on_lane.values())
         if waiting:
+            assert self.conn.loop is not None  # we run in it
             self.conn.loop.call_later(2 * self.conn.heartbeat_timeout, self._lane_lost, peer,
                                       "its connection closed", True)
 
@@ -572,7 +574,7 @@ def rebuild_error(payload: list) -> BaseException:
         return RemoteException(type_name, message, text)
     exc.__cause__ = RemoteTraceback(text)
     try:
-        exc.remote_traceback = text
+        exc.remote_traceback = text  # type: ignore[attr-defined]  # any type: set at run time
     except AttributeError:  # an exception type with __slots__
         pass
     return exc

@@ -34,7 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from . import address, cli
 from .errors import CwError, MasterUnreachable
@@ -265,7 +266,11 @@ def master_key(master: str | None) -> tuple[str, int, str]:
 
 
 # ---------------------------------------------------------------- commands
-def _each(items: list, fn: Callable) -> list[tuple[object, object]]:
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _each(items: list[T], fn: Callable[[T], R]) -> list[tuple[T, R | SshError]]:
     """``fn(item)`` for every item on a few threads: ``[(item, result or SshError)]``."""
     def safe(item):
         try:
@@ -276,9 +281,9 @@ def _each(items: list, fn: Callable) -> list[tuple[object, object]]:
         return list(zip(items, pool.map(safe, items)))
 
 
-def start(master: str | None, specs: list[HostSpec], options: list[str] = (),
+def start(master: str | None, specs: list[HostSpec], options: Sequence[str] = (),
           python: str = "python3", env: dict | None = None, cwd: str | None = None,
-          worker_args: list[str] = ()) -> list[tuple[HostSpec, object]]:
+          worker_args: Sequence[str] = ()) -> list[tuple[HostSpec, Record | SshError]]:
     """Start workers on every host; record the ones started. ``[(spec, Record|SshError)]``."""
     host, port, key = master_key(master)
     if _loopback(host) and not all(_loopback(s.host) for s in specs):
@@ -409,7 +414,7 @@ def _seen_by_master(master: str | None) -> dict[str, int] | None:
     return seen
 
 
-def _report(rows: list[tuple[object, object]], line: Callable[[object, object], str]) -> int:
+def _report(rows: Sequence[tuple[Any, Any]], line: Callable[[Any, Any], str]) -> int:
     failed = 0
     for item, outcome in rows:
         if isinstance(outcome, SshError):
@@ -430,9 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "start":
             if specs is None:
                 raise SshError("start needs --hosts")
-            rows = start(args.master, specs, ssh_options(args.ssh_option), args.python,
-                         _env(args.env), args.chdir, shlex.split(args.worker_args))
-            return _report(rows, lambda s, r: f"{s.target}: started {r.processes} workers "
+            started = start(args.master, specs, ssh_options(args.ssh_option), args.python,
+                            _env(args.env), args.chdir, shlex.split(args.worker_args))
+            return _report(started, lambda s, r: f"{s.target}: started {r.processes} workers "
                                               f"(supervisor pid {r.pid} on {r.hostname}), "
                                               f"log {r.log}")
         if args.command == "stop":
