@@ -14,6 +14,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["cw", "cw.*"]),
+    package_data={"cw": ["py.typed"]},  # PEP 561: cw's type hints are for its users' mypy
     install_requires=[
         "pyzmq>=25,<28",
         "msgpack>=1.0,<2",
@@ -33,6 +34,8 @@ setup(
             "pytest-timeout>=2.1",
             "hypothesis>=6",
             "psutil>=5.9",
+            "ruff==0.8.4",
+            "mypy==1.13.0",
         ],
     },
     entry_points={

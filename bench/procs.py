@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from typing import Iterable
+from collections.abc import Iterable
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -24,9 +24,9 @@ from typing import Any
 if __package__ in (None, ""):  # run as ``python bench/run.py``
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import procs, report  # noqa: E402
-from bench.systems import CW_WORKER_ARGS, SYSTEMS  # noqa: E402
-from bench.workloads import WORKLOADS, Sizes, WrongResult, warmup  # noqa: E402
+from bench import procs, report
+from bench.systems import CW_WORKER_ARGS, SYSTEMS
+from bench.workloads import WORKLOADS, Sizes, WrongResult, warmup
 
 CW_PATH = "BENCH_CW_PATH"
 HERE = Path(__file__).resolve().parent

@@ -13,7 +13,8 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, asdict
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 # ---------------------------------------------------------------- job functions
 
@@ -57,7 +58,7 @@ class Sizes:
     timeout: float = 300.0
 
     @classmethod
-    def quick(cls) -> "Sizes":
+    def quick(cls) -> Sizes:
         return cls(noop_jobs=300, latency_calls=50, cpu_jobs=10, mixed_long=2,
                    mixed_short=50, bytes_jobs=4, timeout=30.0)
 

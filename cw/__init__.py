@@ -16,9 +16,9 @@ import warnings as _warnings
 _warnings.filterwarnings("ignore", category=RuntimeWarning,
                          message="'cw.status' found in sys.modules")
 from .status import status  # noqa: E402,F401
-from .launch import allocate, start, stop  # noqa: F401  (SLURM when present, else local)
-from .errors import (CwError, JobTimeout, MasterLost, MasterNotFound,  # noqa: F401
+from .launch import allocate, start, stop  # noqa: E402,F401  (SLURM when present, else local)
+from .errors import (CwError, JobTimeout, MasterLost, MasterNotFound,  # noqa: E402,F401
                      MasterUnreachable, ProtocolError, RemoteException, SerializationError,
                      WorkerLost)
-from .protocol import DEFAULT_PORT as PORT  # noqa: F401  (5494, as in the original)
-from .slurm import slurm_master_host  # noqa: F401  (the original's API: the master's host)
+from .protocol import DEFAULT_PORT as PORT  # noqa: E402,F401  (5494, as in the original)
+from .slurm import slurm_master_host  # noqa: E402,F401  (the original's API: the master's host)

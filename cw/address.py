@@ -27,12 +27,12 @@ import shutil
 import socket
 import stat
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from .errors import SecurityError
 from .protocol import DEFAULT_PORT
 
-def _slurm_finder() -> Optional[str]:
+def _slurm_finder() -> str | None:
     """The master of this user's running ``cmaster`` SLURM job, if any (no waiting)."""
     if not shutil.which("squeue"):
         return None
@@ -41,7 +41,7 @@ def _slurm_finder() -> Optional[str]:
 
 
 # finders tried when nothing explicit names the master
-FINDERS: list[Callable[[], Optional[str]]] = [_slurm_finder]
+FINDERS: list[Callable[[], str | None]] = [_slurm_finder]
 
 
 def cw_home() -> Path:
@@ -82,7 +82,7 @@ def open_private(path: os.PathLike | str, mode: str = "ab"):
     return os.fdopen(os.open(path, flags, 0o600), mode)
 
 
-def exposed(path: os.PathLike | str) -> Optional[os.stat_result]:
+def exposed(path: os.PathLike | str) -> os.stat_result | None:
     """The file's status if others may read or write it (group or other bits, or not ours);
     None if it is private or missing."""
     try:
@@ -103,7 +103,7 @@ def check_private(path: os.PathLike | str) -> None:
             f"`chmod 600 {path}`, or restart the master, which writes new keys")
 
 
-def parse_address(text: str, port: Optional[int] = None) -> tuple[str, int]:
+def parse_address(text: str, port: int | None = None) -> tuple[str, int]:
     """Split ``"host[:port]"``; an explicit ``port`` argument wins over none in the text."""
     text = text.strip()
     if text.startswith("tcp://"):
@@ -114,7 +114,7 @@ def parse_address(text: str, port: Optional[int] = None) -> tuple[str, int]:
     return text or "localhost", DEFAULT_PORT if port is None else port
 
 
-def resolve(host: Optional[str] = None, port: Optional[int] = None) -> tuple[str, int]:
+def resolve(host: str | None = None, port: int | None = None) -> tuple[str, int]:
     """Find the master's ``(host, port)`` as the module docstring describes."""
     if host:
         return parse_address(host, port)
@@ -131,7 +131,7 @@ def resolve(host: Optional[str] = None, port: Optional[int] = None) -> tuple[str
     return "localhost", port or DEFAULT_PORT
 
 
-def read_connection_file(path: os.PathLike | str) -> Optional[dict]:
+def read_connection_file(path: os.PathLike | str) -> dict | None:
     """Read a connection file; None if it is missing or unreadable."""
     try:
         with open(path) as f:

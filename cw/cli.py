@@ -6,13 +6,14 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 
 def env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:
     """``$CW_<NAME>`` cast to the flag's type, else ``default``."""
     raw = os.environ.get("CW_" + name.upper().replace("-", "_"))
-    return default if raw in (None, "") else cast(raw)
+    return cast(raw) if raw else default
 
 
 def add_flag(parser: argparse.ArgumentParser, *names: str, default: Any = None,
@@ -34,7 +35,7 @@ def add_logging_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "--log-file", default=None, help="append logs to this file, not stderr")
 
 
-def setup_logging(level: str, log_file: Optional[str], name: str = "") -> None:
+def setup_logging(level: str, log_file: str | None, name: str = "") -> None:
     """Log to stderr (or a file) with times, the role's logger name and ``name``."""
     handler: logging.Handler = (logging.FileHandler(log_file) if log_file
                                 else logging.StreamHandler(sys.stderr))

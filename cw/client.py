@@ -20,14 +20,15 @@ import time
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import wait as wait_futures
 from functools import partial
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 from .errors import RemoteException, SerializationError
 from .peer import DEFAULT_CONNECT_TIMEOUT
 from .scheduler import DEFAULT_MAX_RETRIES
 from .session import DEFAULT_MASTER_TIMEOUT, Session
 
-log = logging.getLogger("cw.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAP_WINDOW = 20_000  # jobs of one map() in flight at once
 
@@ -35,10 +36,10 @@ DEFAULT_MAP_WINDOW = 20_000  # jobs of one map() in flight at once
 class CwFuture(Future):
     """A Future whose ``cancel()`` asks the cluster: True only if the job never runs."""
 
-    def __init__(self, executor: "ClusterExecutor"):
+    def __init__(self, executor: ClusterExecutor):
         super().__init__()
         self._executor = executor
-        self._seq: Optional[int] = None
+        self._seq: int | None = None
 
     def cancel(self) -> bool:
         if self.cancelled():
@@ -55,7 +56,8 @@ class CwFuture(Future):
         if not super().cancel():
             return False
         _notify(self)  # wait() and as_completed() learn of it only from this call
-        self._executor._futures.pop(self._seq, None)
+        if self._seq is not None:  # else it was never submitted
+            self._executor._futures.pop(self._seq, None)
         return True
 
 
@@ -79,9 +81,10 @@ class ClusterExecutor(Executor):
     loopback master started with ``--insecure`` (any local user could pose as it).
     """
 
-    def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
-                 max_retries: int = DEFAULT_MAX_RETRIES, timeout: Optional[float] = None,
-                 map_window: int = DEFAULT_MAP_WINDOW, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    def __init__(self, host: str | None = None, port: int | None = None, *,
+                 max_retries: int = DEFAULT_MAX_RETRIES, timeout: float | None = None,
+                 map_window: int = DEFAULT_MAP_WINDOW,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self._opts = job_options(max_retries, timeout)
         self.map_window = map_window
@@ -96,15 +99,15 @@ class ClusterExecutor(Executor):
         """Run ``fn(*args, **kwargs)`` on a worker; a pickling failure fails the future."""
         return self._submit(fn, args, kwargs, self._opts)
 
-    def options(self, *, max_retries: Optional[int] = None,
-                timeout: Optional[float] = None) -> "ExecutorOptions":
+    def options(self, *, max_retries: int | None = None,
+                timeout: float | None = None) -> ExecutorOptions:
         """A view of this executor whose ``submit``/``map`` use other job options."""
         base = self._opts or {}
         return ExecutorOptions(self, job_options(
             base.get("max_retries", DEFAULT_MAX_RETRIES) if max_retries is None else max_retries,
             base.get("timeout") if timeout is None else timeout))
 
-    def _submit(self, fn: Callable, args: tuple, kwargs: dict, opts: Optional[dict]) -> Future:
+    def _submit(self, fn: Callable, args: tuple, kwargs: dict, opts: dict | None) -> Future:
         with self._shutdown_lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -119,7 +122,7 @@ class ClusterExecutor(Executor):
                     self._futures.pop(future._seq, None)
             return future
 
-    def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1, progress: bool | dict = False) -> Iterator:
         """Like ``Executor.map``; ``chunksize`` > 1 sends that many calls per job.
 
@@ -128,8 +131,8 @@ class ClusterExecutor(Executor):
         """
         return self._map_with(self._opts, fn, iterables, timeout, chunksize, progress)
 
-    def _map_with(self, opts: Optional[dict], fn: Callable, iterables: tuple,
-                  timeout: Optional[float], chunksize: int,
+    def _map_with(self, opts: dict | None, fn: Callable, iterables: tuple,
+                  timeout: float | None, chunksize: int,
                   progress: bool | dict = False) -> Iterator:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
@@ -174,17 +177,17 @@ class ClusterExecutor(Executor):
     # ---------------------------------------------------------------- extras
     def cancel_many(self, futures: Iterable[Future]) -> int:
         """Cancel many futures in one round trip; return how many were cancelled."""
-        mine = [f for f in futures if isinstance(f, CwFuture) and not f.done()
+        mine = [(f._seq, f) for f in futures if isinstance(f, CwFuture) and not f.done()
                 and not f.running() and f._seq is not None]
-        answers = self._session.cancel([f._seq for f in mine])
+        answers = self._session.cancel([seq for seq, _ in mine])
         cancelled = 0
-        for future in mine:
-            if answers.get(future._seq) and future._cancelled_by_cluster():
+        for seq, future in mine:
+            if answers.get(seq) and future._cancelled_by_cluster():
                 cancelled += 1
         return cancelled
 
-    def _map(self, fn: Callable, arg_tuples: Iterable, timeout: Optional[float],
-             opts: Optional[dict], star: bool = True, bar=None) -> Iterator:
+    def _map(self, fn: Callable, arg_tuples: Iterable, timeout: float | None,
+             opts: dict | None, star: bool = True, bar=None) -> Iterator:
         """Submit lazily, at most ``map_window`` jobs in flight; yield results in order."""
         end = None if timeout is None else time.monotonic() + timeout
         pending = iter(arg_tuples)
@@ -218,7 +221,7 @@ class ClusterExecutor(Executor):
         if not future.done() and not future.running():
             _notify(future)
 
-    def _done(self, future: CwFuture, error: Optional[BaseException], value: Any) -> None:
+    def _done(self, future: CwFuture, error: BaseException | None, value: Any) -> None:
         try:  # settle first: _submit drops it from _futures if done
             if error is None:
                 future.set_result(value)
@@ -226,7 +229,8 @@ class ClusterExecutor(Executor):
                 future.set_exception(error)
         except InvalidStateError:
             pass  # cancelled meanwhile
-        self._futures.pop(future._seq, None)
+        if future._seq is not None:
+            self._futures.pop(future._seq, None)
 
     def __repr__(self) -> str:
         return f"<ClusterExecutor master={self._session.conn.endpoint}>"
@@ -235,14 +239,14 @@ class ClusterExecutor(Executor):
 class ExecutorOptions:
     """``executor.options(max_retries=..., timeout=...)``: submit and map with those."""
 
-    def __init__(self, executor: ClusterExecutor, opts: Optional[dict]):
+    def __init__(self, executor: ClusterExecutor, opts: dict | None):
         self._executor = executor
         self._opts = opts
 
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
         return self._executor._submit(fn, args, kwargs, self._opts)
 
-    def map(self, fn: Callable, *iterables: Iterable, timeout: Optional[float] = None,
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
             chunksize: int = 1, progress: bool | dict = False) -> Iterator:
         return self._executor._map_with(self._opts, fn, iterables, timeout, chunksize,
                                         progress)
@@ -276,7 +280,7 @@ def _flatten(chunks: Iterator[list]) -> Iterator:
 
 
 def job_options(max_retries: int = DEFAULT_MAX_RETRIES,
-                timeout: Optional[float] = None) -> Optional[dict]:
+                timeout: float | None = None) -> dict | None:
     """The options a job carries on the wire (None when all are defaults)."""
     if not isinstance(max_retries, int) or max_retries < 1:
         raise ValueError("max_retries must be an int >= 1")
@@ -299,8 +303,8 @@ class ClientThread:
     call ``start()`` and ``stop()``.
     """
 
-    def __init__(self, callback: Callable[[Any, Any], None], host: Optional[str] = None,
-                 port: Optional[int] = None, *,
+    def __init__(self, callback: Callable[[Any, Any], None], host: str | None = None,
+                 port: int | None = None, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self.callback = callback
@@ -308,12 +312,12 @@ class ClientThread:
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
         self.master_timeout = master_timeout
-        self._session: Optional[Session] = None
+        self._session: Session | None = None
         self._cond = threading.Condition()
         self._outstanding = 0
         self._failures: list[tuple[Any, BaseException]] = []
 
-    def start(self) -> "ClientThread":
+    def start(self) -> ClientThread:
         """Connect to the master (raises MasterUnreachable if none answers)."""
         if self._session is None:
             self._session = Session(self.host, self.port, lambda jobid: None, self._done,
@@ -326,12 +330,13 @@ class ClientThread:
             self.start()
         with self._cond:
             self._outstanding += 1
+        assert self._session is not None  # start() made it
         try:
             self._session.submit(func, args, kwargs, jobid)
         except SerializationError as exc:
             self._done(jobid, exc, None)
 
-    def wait(self, timeout: Optional[float] = None) -> None:
+    def wait(self, timeout: float | None = None) -> None:
         """Block until all submitted jobs are done; re-raise the first failure.
 
         Raises TimeoutError if jobs are still outstanding after ``timeout`` seconds.
@@ -349,7 +354,7 @@ class ClientThread:
         if self._session is not None:
             self._session.close()
 
-    def __enter__(self) -> "ClientThread":
+    def __enter__(self) -> ClientThread:
         return self.start()
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -359,7 +364,7 @@ class ClientThread:
         finally:
             self.stop()
 
-    def _done(self, jobid: Any, error: Optional[BaseException], value: Any) -> None:
+    def _done(self, jobid: Any, error: BaseException | None, value: Any) -> None:
         if error is None:
             try:
                 self.callback(jobid, value)

@@ -33,9 +33,9 @@ from .errors import CwError
 if TYPE_CHECKING:  # pragma: no cover
     from .master import Master
 
-from .throughput import HISTORY, SAMPLE_INTERVAL, WINDOW, Throughput  # noqa: E402,F401
+from .throughput import HISTORY, SAMPLE_INTERVAL, WINDOW, Throughput  # noqa: F401
 
-log = logging.getLogger("cw.dashboard")
+log = logging.getLogger(__name__)
 
 class DashboardError(CwError):
     """The dashboard could not start (its port is taken, its address is not local...)."""
@@ -47,7 +47,7 @@ class DashboardServer(HTTPServer):
     url: str = ""
 
 
-def snapshot(master: "Master", throughput: Throughput) -> dict:
+def snapshot(master: Master, throughput: Throughput) -> dict:
     """What ``/status.json`` returns: the master's status plus throughput history."""
     info = master.status()
     info["series"] = throughput.series()
@@ -104,7 +104,10 @@ class PageHandler(Handler):
 
 
 class StatusHandler(Handler):
-    def initialize(self, allowed: set[str], master: "Master", throughput: Throughput) -> None:
+    # tornado calls initialize with each route's own keyword arguments: the handlers'
+    # signatures differ by design
+    def initialize(  # type: ignore[override]
+            self, allowed: set[str], master: Master, throughput: Throughput) -> None:
         super().initialize(allowed)
         self.master = master
         self.throughput = throughput
@@ -122,7 +125,7 @@ def _log_request(handler: RequestHandler) -> None:
             handler.request.uri, 1000 * handler.request.request_time())
 
 
-def start_dashboard(master: "Master", port: int, host: str = "127.0.0.1") -> HTTPServer:
+def start_dashboard(master: Master, port: int, host: str = "127.0.0.1") -> HTTPServer:
     """Serve the dashboard for ``master`` on ``host:port`` (0: a free port) from its IOLoop.
 
     Call it on the master's loop thread (``Master.run`` does, once the loop exists). The

@@ -17,6 +17,8 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 class CwError(Exception):
     """Base class of every error cw raises."""
@@ -28,6 +30,9 @@ class RemoteException(CwError):
     ``type_name`` is the remote exception's qualified type name and
     ``remote_traceback`` the formatted traceback as it was on the worker.
     """
+
+    jobid: Any       # set when ClientThread.wait() raises it: the first failed job's id
+    failures: int    # ... and how many jobs failed
 
     def __init__(self, type_name: str, message: str, remote_traceback: str = ""):
         super().__init__(f"{type_name}: {message}")

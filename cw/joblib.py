@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
@@ -27,7 +28,7 @@ from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBa
 from .client import ClusterExecutor
 from .status import status
 
-log = logging.getLogger("cw.joblib")
+log = logging.getLogger(__name__)
 
 NAME = "cw"
 
@@ -45,18 +46,19 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
     supports_sharedmem = False
     uses_threads = False
 
-    def __init__(self, host: Optional[str] = None, port: Optional[int] = None, *,
-                 connect_timeout: Optional[float] = None,
-                 master_timeout: Optional[float] = None,
-                 nesting_level: Optional[int] = None, inner_max_num_threads=None, **kwargs):
+    def __init__(self, host: str | None = None, port: int | None = None, *,
+                 connect_timeout: float | None = None,
+                 master_timeout: float | None = None,
+                 nesting_level: int | None = None, inner_max_num_threads=None, **kwargs):
         super().__init__(nesting_level=nesting_level,
                          inner_max_num_threads=inner_max_num_threads, **kwargs)
         self.host, self.port = host, port
-        self.executor_options = {k: v for k, v in (("connect_timeout", connect_timeout),
-                                                   ("master_timeout", master_timeout))
-                                 if v is not None}
-        self.executor: Optional[ClusterExecutor] = None
-        self.callbacks: Optional[ThreadPoolExecutor] = None
+        # keyword arguments of ClusterExecutor (Any: mypy checks **a dict against all of them)
+        self.executor_options: dict[str, Any] = {
+            k: v for k, v in (("connect_timeout", connect_timeout),
+                              ("master_timeout", master_timeout)) if v is not None}
+        self.executor: ClusterExecutor | None = None
+        self.callbacks: ThreadPoolExecutor | None = None
         self.pending: set[Future] = set()
         self.lock = threading.Lock()
 
@@ -65,7 +67,7 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         """How many cw workers the master has registered now."""
         return len(status(self.host, self.port)["workers"])
 
-    def effective_n_jobs(self, n_jobs: Optional[int]) -> int:
+    def effective_n_jobs(self, n_jobs: int | None) -> int:
         """Negative n_jobs count from the number of workers (-1: all); positive ones stand."""
         if n_jobs == 0:
             raise ValueError("n_jobs == 0 in Parallel has no meaning")
@@ -86,8 +88,9 @@ class ClusterBackend(AutoBatchingMixin, ParallelBackendBase):
         return n
 
     # ---------------------------------------------------------------- jobs
-    def submit(self, func: Callable[[], Any], callback: Optional[Callable] = None) -> Future:
+    def submit(self, func: Callable[[], Any], callback: Callable | None = None) -> Future:
         """Send one batch to the cluster; ``callback(future)`` runs on the backend's thread."""
+        assert self.executor is not None and self.callbacks is not None  # configure() ran
         future = self.executor.submit(_run, func)
         with self.lock:
             self.pending.add(future)

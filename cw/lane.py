@@ -44,12 +44,13 @@ import struct
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import cast
 
 from . import cli, local
 from .errors import ProtocolError
 
-log = logging.getLogger("cw.lane")
+log = logging.getLogger(__name__)
 
 COUNT = struct.Struct("<I")
 LENGTH = struct.Struct("<Q")
@@ -61,7 +62,7 @@ JOIN_BELOW = 1 << 16       # messages smaller than this go out in one write
 READ_SIZE = 1 << 20
 
 
-def new_endpoint(kind: str) -> Optional[str]:
+def new_endpoint(kind: str) -> str | None:
     """A fresh socket path in the private directory (None if there is none)."""
     return local.socket_path(f"{kind}-{uuid.uuid4().hex[:12]}.sock")
 
@@ -70,7 +71,7 @@ class Untrusted(ConnectionRefusedError):
     """A lane or inbox socket, or the process behind it, is not this user's own."""
 
 
-def unreachable(error: Optional[OSError]) -> bool:
+def unreachable(error: OSError | None) -> bool:
     """True if a send failed because nothing listens there (as opposed to a slow peer)."""
     return isinstance(error, (FileNotFoundError, ConnectionRefusedError))
 
@@ -95,7 +96,7 @@ class Decoder:
     def feed(self, data: bytes) -> None:
         self.buf += data
 
-    def next(self) -> Optional[list]:
+    def next(self) -> list | None:
         """The next whole message (frames as memoryviews), None if there is none yet;
         ProtocolError if the stream is not made of messages."""
         buf = self.buf
@@ -155,13 +156,13 @@ class Listener:
                         return
                     if key.fileobj is self.server:
                         self._accept()
-                    else:
-                        self._serve(key.fileobj, key.data)
+                    else:  # a connection _accept registered
+                        self._serve(cast(socket.socket, key.fileobj), key.data)
         except Exception:
             self.log.exception("the %s listener failed", self.endpoint)
         finally:
             for key in list(self.sel.get_map().values()):
-                key.fileobj.close()
+                cast(socket.socket, key.fileobj).close()  # all ours are sockets
             self.sel.close()
             self._wake_w.close()
             with contextlib.suppress(OSError):
@@ -238,7 +239,7 @@ class Listener:
                 self.thread.join(timeout)
 
 
-def connect(endpoint: str, me: str, timeout: Optional[float]) -> socket.socket:
+def connect(endpoint: str, me: str, timeout: float | None) -> socket.socket:
     """A connection to a listener of this user, introduced as ``me``; sends wait at most
     ``timeout`` seconds (0: never). Raises Untrusted if it is not ours."""
     if not local.trusted(endpoint):
@@ -276,7 +277,7 @@ class Outlets:
         self.me, self.timeout = me, timeout
         self.socks: dict[str, socket.socket] = {}
 
-    def send(self, endpoint: str, frames: list) -> Optional[OSError]:
+    def send(self, endpoint: str, frames: list) -> OSError | None:
         """Send a message; None if it went, else the error (logged), see ``unreachable``."""
         try:
             sock = self.socks.get(endpoint)

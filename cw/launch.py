@@ -19,7 +19,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Optional, TypeVar
+from typing import TypeVar
+from collections.abc import Callable, Iterator
 
 from .errors import CwError, MasterUnreachable
 
@@ -54,7 +55,7 @@ def stop(master: bool = True, workers: bool = True, **options) -> list[str]:
 
 
 def allocate(nworkers: int, master: bool = True, workers: bool = True,
-             **options) -> ContextManager:
+             **options) -> contextlib.AbstractContextManager:
     """``with allocate(n):`` a cluster that is stopped when the block ends, even on error."""
     return _launcher().allocate(nworkers, master=master, workers=workers, **options)
 
@@ -92,7 +93,7 @@ def log_tail(path: os.PathLike | str, lines: int = 10) -> str:
 
 def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
                   known: frozenset = frozenset(),
-                  check: Optional[Callable[[], None]] = None) -> dict:
+                  check: Callable[[], object] | None = None) -> dict:
     """Poll the master until it answers and ``nworkers`` workers not in ``known`` (names)
     have registered; return its last status.
 
@@ -134,7 +135,7 @@ def worker_names(host: str, port: int) -> frozenset:
         return frozenset()
 
 
-def print_master_status(host: Optional[str], port: Optional[int] = None) -> int:
+def print_master_status(host: str | None, port: int | None = None) -> int:
     """For the launchers' ``status`` commands: print the master's table; 1 if it is silent."""
     from .status import format_table, status
     try:

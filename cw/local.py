@@ -34,14 +34,13 @@ import stat
 import struct
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 MAX_PATH = 100  # a Unix socket path must fit in sun_path (108 bytes on Linux)
 
-log = logging.getLogger("cw.master")
+log = logging.getLogger(__name__)
 
 
 def machine_id() -> str:
@@ -54,10 +53,10 @@ def machine_id() -> str:
 
 
 _warned: set[str] = set()  # untrusted socket paths already logged
-_fresh: Optional[Path] = None  # this process's own private directory, if rundir was taken
+_fresh: Path | None = None  # this process's own private directory, if rundir was taken
 
 
-def private_dir() -> Optional[Path]:
+def private_dir() -> Path | None:
     """The user's private directory for sockets, created if needed; if someone else holds
     it, a fresh private directory of this process (logged); None if neither can be had."""
     global _fresh
@@ -121,7 +120,7 @@ def peer_uid(sock: socket.socket) -> int:
     return _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))[1]
 
 
-def fd_peer_uid(fd: int) -> Optional[int]:
+def fd_peer_uid(fd: int) -> int | None:
     """``peer_uid`` of the connection on descriptor ``fd`` (None: not one any more)."""
     sock = _dup(fd)
     if sock is None:
@@ -133,7 +132,7 @@ def fd_peer_uid(fd: int) -> Optional[int]:
             return None
 
 
-def _dup(fd: int) -> Optional[socket.socket]:
+def _dup(fd: int) -> socket.socket | None:
     """A socket object on a copy of descriptor ``fd`` (None: it is no socket now)."""
     try:
         copy = os.dup(fd)
@@ -167,7 +166,7 @@ class PeerCheck:
 
     def strangers(self, shut: bool = False) -> list[int]:
         """Uids of new peers that are not this user; ``shut``: cut their connections."""
-        found = []
+        found: list[int] = []
         while True:
             try:
                 frames = self.monitor.recv_multipart(zmq.NOBLOCK)
@@ -177,7 +176,7 @@ class PeerCheck:
             if uid is not None:
                 found.append(uid)
 
-    def stranger(self, frames: list, shut: bool = False) -> Optional[int]:
+    def stranger(self, frames: list, shut: bool = False) -> int | None:
         """The uid behind one monitor event if it is not this user (``shut``: cut it)."""
         event = parse_monitor_message([getattr(f, "bytes", f) for f in frames])
         if event["event"] & self.ENDS:
@@ -210,7 +209,7 @@ def _shut(fd: int) -> None:
                 pass
 
 
-def endpoint_for(bind_host: str, port: int) -> Optional[str]:
+def endpoint_for(bind_host: str, port: int) -> str | None:
     """The ``ipc://`` endpoint a master bound to ``bind_host:port`` offers (None: none)."""
     if not zmq.has("ipc"):
         return None
@@ -219,7 +218,7 @@ def endpoint_for(bind_host: str, port: int) -> Optional[str]:
     return f"ipc://{path}" if path else None
 
 
-def socket_path(name: str) -> Optional[str]:
+def socket_path(name: str) -> str | None:
     """The path of a socket called ``name`` in the private directory (None: none fits)."""
     folder = private_dir()
     if folder is None:
@@ -231,7 +230,7 @@ def socket_path(name: str) -> Optional[str]:
     return path
 
 
-def usable(local: object) -> Optional[str]:
+def usable(local: object) -> str | None:
     """The endpoint recorded in a connection file's "local" entry, if it works from here."""
     if not isinstance(local, dict) or local.get("machine") != machine_id():
         return None
@@ -257,7 +256,7 @@ def present(endpoint: str) -> bool:
     return False
 
 
-def remove(endpoint: Optional[str]) -> None:
+def remove(endpoint: str | None) -> None:
     """Remove a closed master's socket file (zmq leaves it behind)."""
     if endpoint:
         try:

@@ -29,11 +29,13 @@ import socket
 import time
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
+from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
+from zmq.auth.thread import ThreadAuthenticator
 
 from . import address, cli, local, security
 from . import protocol as P
@@ -42,7 +44,7 @@ from .scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker, died_entry
 from .throughput import SAMPLE_INTERVAL, Throughput
 from .zloop import SocketLoop
 
-log = logging.getLogger("cw.master")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
@@ -65,10 +67,10 @@ class Master:
     def __init__(self, host: str = "*", port: int = P.DEFAULT_PORT,
                  heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
                  heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-                 connection_file: Optional[str] = None,
+                 connection_file: str | None = None,
                  max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  insecure: bool = False, local_socket: bool = True,
-                 dashboard_port: Optional[int] = None, dashboard_host: str = "127.0.0.1",
+                 dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_function_bytes: int = MAX_FUNCTION_BYTES):
         self.bind_host = host
@@ -80,25 +82,25 @@ class Master:
         self.max_message_size = max_message_size
         self.insecure = insecure
         self.local_socket = local_socket
-        self.local_endpoint: Optional[str] = None
-        self.local_sock: Optional[zmq.Socket] = None
-        self.local_check: Optional[local.PeerCheck] = None
+        self.local_endpoint: str | None = None
+        self.local_sock: zmq.Socket | None = None
+        self.local_check: local.PeerCheck | None = None
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
         self.monitors: list[tuple[zmq.Socket, Callable]] = []  # each ROUTER's connection
         #                                         events, and what handles them
         self.fd_of: dict[bytes, int] = {}           # peer -> its connection's descriptor
         self.peer_at: dict[int, bytes] = {}         # ... and back
         self.unbound: set[bytes] = set()            # reconnected: descriptor not known yet
-        self.keys: Optional[dict] = None
-        self.auth = None
+        self.keys: dict | None = None
+        self.auth: ThreadAuthenticator | None = None
         self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
                                max_function_bytes=max_function_bytes)
         self.ctx = zmq.Context()
-        self.sock: Optional[zmq.Socket] = None
-        self.loop: Optional[IOLoop] = None
+        self.sock: zmq.Socket | None = None
+        self.loop: IOLoop | None = None
         self.dashboard_port = dashboard_port  # None: no dashboard; 0: any free port
         self.dashboard_host = dashboard_host
-        self.dashboard = None
+        self.dashboard: HTTPServer | None = None
         self.throughput = Throughput()
         self.files: list[Path] = []
         self.welcome_info = {"heartbeat_interval": heartbeat_interval,
@@ -160,6 +162,7 @@ class Master:
         event = parse_monitor_message([f.bytes for f in frames])
         if event["event"] == zmq.EVENT_DISCONNECTED:
             return self._closed(int(event["value"]))
+        assert self.local_check is not None  # it watches the local socket
         uid = self.local_check.stranger(frames, shut=True)
         if uid is not None:
             log.warning("cut off a connection from uid %d to the local socket", uid)
@@ -215,6 +218,7 @@ class Master:
             return
         del self.fd_of[ident]
         grace = WORKER_CLOSE_GRACE if ident in self.state.workers else CLOSE_GRACE
+        assert self.loop is not None  # run() set it: only its loop calls us
         self.loop.call_later(grace, self._closed_for_good, ident)
 
     def _closed_for_good(self, ident: bytes) -> None:
@@ -239,7 +243,7 @@ class Master:
         for reader in self.readers:
             reader.kick()
 
-    def run(self, ready: Optional[Callable[[str], None]] = None) -> None:
+    def run(self, ready: Callable[[str], None] | None = None) -> None:
         """Route until ``stop()`` (or SIGINT/SIGTERM); blocks the calling thread.
 
         ``ready(endpoint)`` is called once the socket is bound and the signal handlers are in
@@ -280,7 +284,7 @@ class Master:
                 self.dashboard.stop()
             self.close()
 
-    def stop(self, sig: Optional[int] = None) -> None:
+    def stop(self, sig: int | None = None) -> None:
         """Stop routing (thread-safe)."""
         if sig is not None:
             log.info("received %s, shutting down", signal.Signals(sig).name)
@@ -336,12 +340,13 @@ class Master:
 
     # ---------------------------------------------------------------- traffic
     def _send(self, ident: bytes, frames: list,
-              sock: Optional[zmq.Socket] = None) -> Optional[bool]:
+              sock: zmq.Socket | None = None) -> bool | None:
         """Send to a peer: on ``sock``, else on the socket it registered on. True: sent;
         None: its queue is full (it does not read), send again later; False: it is gone."""
+        target = sock or self.routes.get(ident, self.sock)
+        assert target is not None  # bound before any peer could talk
         try:
-            (sock or self.routes.get(ident, self.sock)).send_multipart(
-                [ident, *frames], zmq.NOBLOCK, copy=False)
+            target.send_multipart([ident, *frames], zmq.NOBLOCK, copy=False)
             return True
         except zmq.Again:
             return None
@@ -432,12 +437,13 @@ class Master:
         if kind == P.DIED and peer.ident in state.supervisors:
             _, pid, code, lived = header
             died_entry(pid, code, lived)
+            assert self.loop is not None  # run() set it: only its loop calls us
             self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
             return
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
 
     def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame,
-               key_role: Optional[str]) -> None:
+               key_role: str | None) -> None:
         """Register a peer. Over TCP its role is the one of the key it presented (ZAP):
         a client key never registers a worker, nor a worker key a client (a node's
         supervisor holds the workers' key). On the local socket (and with --insecure) the
@@ -469,7 +475,7 @@ class Master:
         return peer.name if peer else f"unknown peer {ident.hex()[:8]}"
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cw-master", description=(
         "Route jobs FIFO from cw clients to idle cw workers and results back."))
     cli.add_flag(parser, "--host", default="*",
@@ -510,7 +516,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
     cli.raise_fd_limit()
@@ -525,7 +531,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
     except CwError as exc:
-        raise SystemExit(f"cw-master: {exc}")
+        raise SystemExit(f"cw-master: {exc}") from None
 
 
 if __name__ == "__main__":

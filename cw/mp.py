@@ -28,14 +28,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import ContextManager, Iterator, Optional
+from collections.abc import Iterator
 
 from . import address
 from .launch import (LaunchError, allocated, child_env, log_tail, print_master_status,
                      wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 START_TIMEOUT = 30.0   # seconds start() waits for the master and the workers
 STOP_TIMEOUT = 10.0    # seconds stop() waits after SIGTERM before SIGKILL
@@ -49,7 +49,7 @@ class Proc:
     """One process ``start`` launched: the master, or a worker supervisor of ``n`` workers."""
     role: str                    # "master" or "workers"
     pid: int
-    ident: Optional[str]         # process start time from /proc, guards against pid reuse
+    ident: str | None         # process start time from /proc, guards against pid reuse
     host: str                    # the master's address (its own, or the one workers dial)
     port: int
     n: int = 0
@@ -67,11 +67,11 @@ class Cluster:
     host: str
     port: int
     procs: list[Proc]
-    status: Optional[dict] = None
+    status: dict | None = None
 
 
 # ------------------------------------------------------------------ process identity
-def _start_time(pid: int) -> Optional[str]:
+def _start_time(pid: int) -> str | None:
     """The process's start time in clock ticks (field 22 of /proc/PID/stat), None if unknown."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -182,7 +182,7 @@ def _start_master(port: int, bind: str, log_level: str, timeout: float,
 
 
 def start(nworkers: int, master: bool = True, workers: bool = True,
-          port: Optional[int] = None, host: Optional[str] = None, bind: str = "*",
+          port: int | None = None, host: str | None = None, bind: str = "*",
           timeout: float = START_TIMEOUT, log_level: str = "INFO") -> Cluster:
     """Start a local master and/or one supervisor of ``nworkers`` worker processes.
 
@@ -237,7 +237,7 @@ def _terminate(procs: list[Proc], timeout: float) -> None:
         time.sleep(0.02)
 
 
-def stop(master: bool = True, workers: bool = True, only: Optional[list[Proc]] = None,
+def stop(master: bool = True, workers: bool = True, only: list[Proc] | None = None,
          timeout: float = STOP_TIMEOUT) -> list[str]:
     """Stop the processes ``start`` recorded in the state file (workers before the master).
 
@@ -264,7 +264,7 @@ def stop(master: bool = True, workers: bool = True, only: Optional[list[Proc]] =
 
 
 def allocate(nworkers: int, master: bool = True, workers: bool = True,
-             **options) -> ContextManager[Cluster]:
+             **options) -> contextlib.AbstractContextManager[Cluster]:
     """``with allocate(n) as cluster:`` a local cluster, stopped when the block ends."""
     return allocated(lambda: start(nworkers, master=master, workers=workers, **options),
                      lambda cluster: stop(only=cluster.procs))
@@ -277,7 +277,7 @@ def describe_state() -> list[str]:
         return [f"{p.describe()}: {'running' if _same_process(p) else 'gone'}" for p in procs]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``mp.py -n N start|stop|status``: the local launcher's command line."""
     parser = argparse.ArgumentParser(prog="mp.py", description=(
         "Start, stop or show a cw master and workers on this machine (state in "
@@ -316,7 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return _print_status(args.host, args.port)
 
 
-def _print_status(host: Optional[str], port: Optional[int]) -> int:
+def _print_status(host: str | None, port: int | None) -> int:
     lines = describe_state()
     print("\n".join(lines) if lines else f"no processes recorded in {state_file()}")
     return print_master_status(host, port)

@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 import uuid
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
@@ -59,7 +59,7 @@ class Connection:
                  handler: Callable[[int, list, list], None],
                  on_welcome: Callable[[bool], None] = lambda restarted: None,
                  on_silence: Callable[[float], None] = lambda seconds: None,
-                 logger: Optional[logging.Logger] = None,
+                 logger: logging.Logger | None = None,
                  on_begin: Callable[[], None] = lambda: None, insecure: bool = False):
         self.host, self.port = host, port
         self.role = role
@@ -70,20 +70,20 @@ class Connection:
         self.on_silence = on_silence
         self.on_begin = on_begin
         self.listening: list[lane.Listener] = []
-        self.log = logger or logging.getLogger(f"cw.{role}")
+        self.log = logger or logging.getLogger(__name__)
         self.identity = uuid.uuid4().bytes
         self.info = {**info, "alias": P.alias_of(self.identity)}
         self.forgotten = False
-        self.master_id: Optional[str] = None
+        self.master_id: str | None = None
         self.heartbeat_interval = 1.0
         self.heartbeat_timeout = 10.0
         self.max_message_size = 0  # largest frame the master accepts (0: no limit)
         self.master_workers = 0    # workers connected to the master, as it last said
         self.welcomed = threading.Event()
-        self.refused: Optional[str] = None
+        self.refused: str | None = None
         self.last_heard = time.monotonic()
-        self.loop: Optional[IOLoop] = None
-        self._thread: Optional[threading.Thread] = None
+        self.loop: IOLoop | None = None
+        self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._closing = False
         self._said_hello = time.monotonic()
@@ -94,7 +94,7 @@ class Connection:
         """Where we dial the master: its local socket on its machine, else tcp://host:port."""
         return self.route.endpoint if self.route else f"tcp://{self.host}:{self.port}"
 
-    def _find_route(self, allow_local: bool = True) -> Optional[security.Route]:
+    def _find_route(self, allow_local: bool = True) -> security.Route | None:
         """How to reach the master with our role's keys; None while we have none."""
         try:
             return security.route_for(self.host, self.port, allow_local, self.role,
@@ -103,7 +103,7 @@ class Connection:
             self.no_keys = exc
             return None
 
-    def _wait_for_keys(self, timeout: Optional[float]) -> None:
+    def _wait_for_keys(self, timeout: float | None) -> None:
         """Never dial a master without its keys: wait (bounded by ``timeout``, None: for
         ever) until its connection file appears, else raise NoKeys."""
         if self.route is not None:
@@ -118,7 +118,7 @@ class Connection:
         self.log.info("found the keys of the master at %s:%s", self.host, self.port)
 
     # ---------------------------------------------------------------- owner side
-    def open(self, keys_timeout: Optional[float] = None) -> None:
+    def open(self, keys_timeout: float | None = None) -> None:
         """Wait (up to ``keys_timeout``, None: for ever) for the master's keys, else raise
         NoKeys; then start the I/O thread: it registers (and re-registers) in the
         background."""
@@ -128,7 +128,7 @@ class Connection:
         self._thread.start()
         self._ready.wait()
 
-    def start(self, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT) -> None:
+    def start(self, timeout: float | None = DEFAULT_CONNECT_TIMEOUT) -> None:
         """Start the I/O thread and wait until the master welcomes us (None: for ever)."""
         started = time.monotonic()
         self.open(timeout)
@@ -136,6 +136,7 @@ class Connection:
             timeout = max(0.0, timeout - (time.monotonic() - started))
         if not self.welcomed.wait(timeout):
             self.close()
+            assert self.route is not None  # open() waited for it
             hint = ("" if self.route.known else "; it runs without keys, as we were told: "
                     "insecure")
             raise MasterUnreachable(f"no cw master answered at {self.endpoint} within "
@@ -147,6 +148,7 @@ class Connection:
 
     def call(self, fn: Callable, *args) -> None:
         """Run ``fn(*args)`` in the I/O thread (thread-safe, returns at once)."""
+        assert self.loop is not None, "call() before open()"
         self.loop.add_callback(fn, *args)
 
     def in_io_thread(self) -> bool:
@@ -188,7 +190,7 @@ class Connection:
         return True
 
     def listen(self, kind: str, handler: Callable[[list], None],
-               on_close: Callable[[str], None] = lambda peer: None) -> Optional[str]:
+               on_close: Callable[[str], None] = lambda peer: None) -> str | None:
         """Listen on a Unix socket in the private directory, read by a thread of its own
         (cw.lane.Listener); return its path, or None if there can be none here."""
         try:
@@ -206,28 +208,29 @@ class Connection:
 
     def _run(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        self.loop = IOLoop(make_current=False)
+        self.loop = loop = IOLoop(make_current=False)
         self.ctx = zmq.Context()
         self.sock, self.check = self._connect()
-        self.loop.add_callback(self._begin)
+        loop.add_callback(self._begin)
         self._ready.set()
         try:
-            self.loop.start()
+            loop.start()
         finally:  # linger only to deliver BYE to a master that knows us
             self._stop_listening()
             if self.check is not None:
                 self.check.close()
             self.sock.close(linger=2000 if self.welcomed.is_set() and not self.refused else 0)
             self.ctx.term()
-            self.loop.close(all_fds=False)
+            loop.close(all_fds=False)
 
-    def _connect(self, identity: Optional[bytes] = None, rcvhwm: int = 0,
-                 route: Optional[security.Route] = None
-                 ) -> tuple[zmq.Socket, Optional[local.PeerCheck]]:
+    def _connect(self, identity: bytes | None = None, rcvhwm: int = 0,
+                 route: security.Route | None = None
+                 ) -> tuple[zmq.Socket, local.PeerCheck | None]:
         """A DEALER to the master (``identity``: ours unless an alias's; ``route``: ours
         unless the alias needs another), and on the local socket the check of who is at
         the other end of the connection it makes."""
         route = route or self.route
+        assert route is not None  # open() waited for the keys
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, identity or self.identity)
         ipc = route.endpoint.startswith("ipc://")
@@ -256,6 +259,7 @@ class Connection:
         return True
 
     def _begin(self) -> None:
+        assert self.loop is not None  # the I/O thread's, set before it runs us
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
         self.on_begin()
         self._hello()
@@ -279,6 +283,7 @@ class Connection:
             self.check.close()
         self.sock.close(linger=0)
         self.sock, self.check = self._connect()
+        assert self.loop is not None  # the I/O thread's: we run in it
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
 
     def _hello(self) -> None:
@@ -290,6 +295,7 @@ class Connection:
         self.ticker.stop()
         self.reader.close()
         self._stop_listening()
+        assert self.loop is not None  # the I/O thread's: we run in it
         self.loop.stop()
 
     def _tick(self) -> None:
@@ -380,9 +386,9 @@ class Alias:
 
     def __init__(self, conn: Connection):
         self.conn = conn
-        self.sock: Optional[zmq.Socket] = None
-        self.check: Optional[local.PeerCheck] = None
-        self.route: Optional[security.Route] = None
+        self.sock: zmq.Socket | None = None
+        self.check: local.PeerCheck | None = None
+        self.route: security.Route | None = None
 
     def send(self, frames: list) -> None:
         if self.sock is None or self.route is not self.conn.route:
@@ -392,10 +398,12 @@ class Alias:
             self._open(tcp=True)
         elif self.check is not None and self.check.ended:
             self._open()  # the local connection is over: dial again, checking the path
+        assert self.sock is not None  # _open() made it
         try:
             self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:  # no peer (the local connection ended): dial again, checking it
             self._open()
+            assert self.sock is not None  # _open() made it
             try:
                 self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
             except zmq.ZMQError as exc:
@@ -418,6 +426,7 @@ class Alias:
         on."""
         self.close(linger=0)
         self.route = route = self.conn.route
+        assert route is not None  # the peer is connected
         if route.endpoint.startswith("ipc://") and (tcp or not local.present(route.endpoint)):
             route = self.conn._find_route(allow_local=False) or route
         self.sock, self.check = self.conn._connect(self.conn.info["alias"], rcvhwm=1,

@@ -17,9 +17,10 @@ import sys
 import threading
 from concurrent.futures import Future
 from concurrent.futures import as_completed as futures_as_completed
-from typing import IO, Iterable, Iterator, Optional, Union
+from typing import IO
+from collections.abc import Iterable, Iterator
 
-log = logging.getLogger("cw.progress")
+log = logging.getLogger(__name__)
 
 _warned = False
 
@@ -32,7 +33,7 @@ class Bar:
         self.lock = threading.Lock()
         self.closed = False
 
-    def tick(self, _future: Optional[Future] = None) -> None:
+    def tick(self, _future: Future | None = None) -> None:
         with self.lock:
             if not self.closed:
                 self.bar.update(1)
@@ -47,15 +48,15 @@ class Bar:
                 self.closed = True
                 self.bar.close()
 
-    def __enter__(self) -> "Bar":
+    def __enter__(self) -> Bar:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def make_bar(total: Optional[int], file: Optional[IO] = None, force: bool = False,
-             desc: str = "jobs") -> Optional[Bar]:
+def make_bar(total: int | None, file: IO | None = None, force: bool = False,
+             desc: str = "jobs") -> Bar | None:
     """A Bar writing to ``file`` (stderr), or None: not a terminal and not forced, or no tqdm."""
     global _warned
     file = sys.stderr if file is None else file
@@ -78,9 +79,9 @@ def _isatty(file: IO) -> bool:
         return False
 
 
-def as_completed(futures: Iterable[Future], total: Optional[int] = None,
-                 file: Optional[IO] = None, force: bool = False, desc: str = "jobs",
-                 timeout: Optional[float] = None) -> Iterator[Future]:
+def as_completed(futures: Iterable[Future], total: int | None = None,
+                 file: IO | None = None, force: bool = False, desc: str = "jobs",
+                 timeout: float | None = None) -> Iterator[Future]:
     """``concurrent.futures.as_completed`` that draws a bar as the futures finish.
 
     ``total`` defaults to the number of futures; ``file`` to stderr, drawn on only if it is a
@@ -98,8 +99,8 @@ def as_completed(futures: Iterable[Future], total: Optional[int] = None,
             bar.close()
 
 
-def progress(futures: Iterable[Future], total: Optional[int] = None,
-             file: Optional[IO] = None, force: bool = False, desc: str = "jobs") -> list[Future]:
+def progress(futures: Iterable[Future], total: int | None = None,
+             file: IO | None = None, force: bool = False, desc: str = "jobs") -> list[Future]:
     """Wait for every future, drawing a bar as they complete; return them as a list."""
     futures = list(futures)
     for _ in as_completed(futures, total, file, force, desc):
@@ -107,7 +108,7 @@ def progress(futures: Iterable[Future], total: Optional[int] = None,
     return futures
 
 
-def map_bar(progress: Union[bool, dict], iterables: tuple, chunksize: int = 1) -> Optional[Bar]:
+def map_bar(progress: bool | dict, iterables: tuple, chunksize: int = 1) -> Bar | None:
     """The bar of ``ClusterExecutor.map(..., progress=...)``, or None.
 
     ``progress`` is True or a dict of ``make_bar`` options (``file``, ``force``, ``desc``).
@@ -117,7 +118,7 @@ def map_bar(progress: Union[bool, dict], iterables: tuple, chunksize: int = 1) -
         return None
     options = progress if isinstance(progress, dict) else {}
     try:
-        total: Optional[int] = min(len(it) for it in iterables)
+        total: int | None = min(len(it) for it in iterables)
     except (TypeError, ValueError):  # a generator (or nothing): count without a total
         total = None
     if total is not None and chunksize > 1:

@@ -43,6 +43,7 @@ messages use the same headers and frames, on plain Unix sockets (cw.lane frames 
 from __future__ import annotations
 
 import signal
+from collections.abc import Sized
 from typing import Any
 
 import msgpack
@@ -165,7 +166,7 @@ def check_hello_info(info: dict) -> None:
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ProtocolError(f"HELLO field {name!r} must be {kind.__name__}, not "
                                 f"{type(value).__name__}")
-        if most and len(value) > most:
+        if most and isinstance(value, Sized) and len(value) > most:
             raise ProtocolError(f"HELLO field {name!r} is longer than {most}")
     if any(not isinstance(p, str) or len(p) > MAX_PATH_ENTRY for p in info.get("path", ())):
         raise ProtocolError("HELLO field 'path' must be a list of strings")

@@ -58,14 +58,14 @@ import random
 import time
 import uuid
 from collections import deque
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
 
 from . import protocol as P
 from .errors import ProtocolError, QuotaExceeded, WorkerLost
 from .lane import is_endpoint
 from .serialize import dumps
 
-log = logging.getLogger("cw.master")
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_RETRIES = 3
 PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)
@@ -85,13 +85,13 @@ class Job:
     __slots__ = ("client", "seq", "digest", "frames", "worker", "started", "cancelled",
                  "losses", "max_retries", "opts", "suspect", "size")
 
-    def __init__(self, client: "Client", seq: int, digest: bytes, frames: list, opts):
+    def __init__(self, client: Client, seq: int, digest: bytes, frames: list, opts):
         self.client = client
         self.seq = seq
         self.digest = digest
         self.frames = frames
         self.opts = opts
-        self.worker: Optional[Worker] = None
+        self.worker: Worker | None = None
         self.started = 0.0          # time the worker reported starting it, 0 if not started
         self.cancelled = False      # dropped while queued (skipped lazily by dispatch)
         self.losses: list[str] = list((opts or {}).get("losses", ()))  # workers lost
@@ -133,7 +133,7 @@ class Client(Peer):
         self.done = 0
         self.inbox = bool(info.get("inbox"))   # it can take lane results (False once a
         # worker could not reach it there)
-        self.lane: Optional[Worker] = None     # the worker whose lane it was told of
+        self.lane: Worker | None = None     # the worker whose lane it was told of
         # outbox, flushed once per loop turn
         self.out_started: list[int] = []
         self.out_done: list[list] = []
@@ -155,7 +155,7 @@ class Worker(Peer):
         self.slots = max(1, int(info.get("slots", 1)))  # most jobs it accepts to hold
         supervisor = info.get("supervisor")  # the pid of its supervisor, if it has one
         self.supervisor = supervisor if isinstance(supervisor, int) else None
-        self.job_seconds: Optional[float] = None        # moving average of its job times
+        self.job_seconds: float | None = None        # moving average of its job times
         self.hold = min(self.slots, MIN_HOLD)            # jobs it may hold now
         self.assigned: dict[tuple[int, int], Job] = {}  # (cid, seq) -> job, in dispatch order
         self.fns: set[tuple[int, bytes]] = set()         # functions it has been sent
@@ -169,7 +169,7 @@ class Worker(Peer):
         lane = info.get("lane")
         self.lane = lane if is_endpoint(lane) else None
         self.lane_holders: set[bytes] = set()  # clients told of its lane
-        self.lane_job: Optional[tuple[int, int]] = None  # a lane job it said runs long
+        self.lane_job: tuple[int, int] | None = None  # a lane job it said runs long
         self.lane_job_client = ""
         # lane jobs it reported done lately: its LANE_BUSY and its note come on different
         # sockets, so a LANE_BUSY may arrive after the job's note
@@ -193,7 +193,7 @@ class Worker(Peer):
         want = int(PREFETCH_SECONDS / max(self.job_seconds, 1e-6))
         self.hold = max(min(self.slots, MIN_HOLD), min(self.slots, want))
 
-    def running(self) -> Optional[Job]:
+    def running(self) -> Job | None:
         """The job it reported starting last and has not finished, if any."""
         for job in self.assigned.values():
             if job.started:
@@ -204,7 +204,7 @@ class Worker(Peer):
 class Scheduler:
     """All routing state of one master. Not thread-safe: one owner calls it."""
 
-    def __init__(self, send: Callable[[bytes, list], Optional[bool]],
+    def __init__(self, send: Callable[[bytes, list], bool | None],
                  heartbeat_timeout: float = 10.0, lanes: bool = True,
                  max_functions: int = MAX_FUNCTIONS,
                  max_function_bytes: int = MAX_FUNCTION_BYTES):
@@ -234,7 +234,7 @@ class Scheduler:
         self._went_idle = False  # a worker emptied since the last steal check
 
     # ---------------------------------------------------------------- peers
-    def peer(self, ident: bytes) -> Optional[Peer]:
+    def peer(self, ident: bytes) -> Peer | None:
         """The peer behind a socket identity (its own or its alias), if known."""
         return self.clients.get(ident) or self.workers.get(ident) or \
             self.aliases.get(ident) or self.supervisors.get(ident)
@@ -246,8 +246,8 @@ class Scheduler:
             known.last_seen = now
             return known
         if role == "worker":
-            peer: Peer = Worker(ident, info, now)
-            self.workers[ident] = peer
+            worker = self.workers[ident] = Worker(ident, info, now)
+            peer: Peer = worker
             self.peak_workers = max(self.peak_workers, len(self.workers))
             self._went_idle = True  # it may take jobs prefetched elsewhere (stealing)
         elif role == "client":
@@ -448,7 +448,7 @@ class Scheduler:
 
     # ---------------------------------------------------------------- workers
     def results(self, worker: Worker, started: list, done: list, frames: list,
-                now: float, busy: float = -1.0, lane: list = ()) -> None:
+                now: float, busy: float = -1.0, lane: Sequence = ()) -> None:
         """Record jobs a worker started and finished; pass results to their clients.
 
         ``busy`` is the seconds the worker spent running the ``done`` jobs; ``lane`` lists
@@ -537,7 +537,7 @@ class Scheduler:
                     worker.name, client.name)
         self._lane_lost(client, f"{worker.name} cannot reach our inbox", True)
 
-    def _take_lane(self, client: Client) -> Optional[Worker]:
+    def _take_lane(self, client: Client) -> Worker | None:
         """Forget the lane a client was told of; return its worker (None: it had none)."""
         worker, client.lane = client.lane, None
         if worker is not None:
@@ -769,7 +769,7 @@ class Scheduler:
                 self._grant_lane(client, worker)
 
     # ---------------------------------------------------------------- status
-    def status(self, now: Optional[float] = None) -> dict:
+    def status(self, now: float | None = None) -> dict:
         """A plain-data snapshot of the master's state."""
         now = time.time() if now is None else now
         return {
@@ -794,7 +794,7 @@ def _worker_status(w: Worker, now: float) -> dict:
     }
 
 
-def _lane_job_status(w: Worker) -> Optional[list]:
+def _lane_job_status(w: Worker) -> list | None:
     return [w.lane_job_client, w.lane_job[1]] if w.lane_job else None
 
 
@@ -854,7 +854,7 @@ def _key(entry) -> tuple[int, int]:
     return cid, seq
 
 
-def _job_entry(entry) -> tuple[int, bytes, int, Optional[dict]]:
+def _job_entry(entry) -> tuple[int, bytes, int, dict | None]:
     if not isinstance(entry, list) or len(entry) != 4:
         raise ProtocolError("job entry must be [seq, digest, nframes, opts]")
     seq, digest, n, opts = entry

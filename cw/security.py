@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import NamedTuple, Optional
+from collections.abc import Mapping
+from typing import Any, NamedTuple, TypeGuard
 
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import address, local
+from . import address, cli, local
 from .errors import NoKeys, SecurityError
 
 ROLE_KEYS = {"client": ("client_public", "client_secret"),
@@ -57,8 +58,10 @@ def new_keys() -> dict:
     return keys
 
 
-def has_keys(info: Optional[dict], fields=KEY_FIELDS) -> bool:
-    return bool(info) and all(isinstance(info.get(k), str) for k in fields)
+def has_keys(info: dict | None, fields=KEY_FIELDS) -> TypeGuard[dict]:
+    if not info:
+        return False
+    return all(isinstance(info.get(k), str) for k in fields)
 
 
 def peer_keys(keys: dict, role: str) -> dict:
@@ -73,7 +76,7 @@ def secure_server(sock: zmq.Socket, keys: dict) -> None:
     sock.setsockopt(zmq.ZAP_DOMAIN, b"cw")
 
 
-def secure_client(sock: zmq.Socket, keys: Optional[dict]) -> None:
+def secure_client(sock: zmq.Socket, keys: dict | None) -> None:
     """Give a connecting socket its role's keys (call before connect; None: plain)."""
     if keys is None:
         return
@@ -86,7 +89,7 @@ def secure_client(sock: zmq.Socket, keys: Optional[dict]) -> None:
 class _OnlyOurClients:
     """ZAP credentials provider: the clients' and the workers' public keys of this master."""
 
-    def __init__(self, keys: dict, log: logging.Logger):
+    def __init__(self, keys: dict, log: logging.Logger | cli.Throttled):
         self.allowed = {keys[pair[0]].encode() for pair in ROLE_KEYS.values()}
         self.log = log
 
@@ -97,15 +100,16 @@ class _OnlyOurClients:
         return False
 
 
-def start_authenticator(ctx: zmq.Context, keys: dict, log: logging.Logger) -> ThreadAuthenticator:
+def start_authenticator(ctx: zmq.Context, keys: dict,
+                        log: logging.Logger | cli.Throttled) -> ThreadAuthenticator:
     """Run the ZAP handler that admits only holders of a client or a worker key."""
-    auth = ThreadAuthenticator(ctx, log=logging.getLogger("cw.master.zap"))
+    auth = ThreadAuthenticator(ctx, log=logging.getLogger(f"{__name__}.zap"))
     auth.start()
     auth.configure_curve_callback(domain="cw", credentials_provider=_OnlyOurClients(keys, log))
     return auth
 
 
-def role_of(frame: zmq.Frame, keys: Optional[dict]) -> Optional[str]:
+def role_of(frame: zmq.Frame, keys: dict | None) -> str | None:
     """The role whose key the sender of ``frame`` presented (ZAP's User-Id is the z85
     public key); None if it came in without CURVE (the local socket, --insecure)."""
     if keys is None:
@@ -124,7 +128,7 @@ HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE
                       | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 
 
-def describe_event(event: dict) -> str:
+def describe_event(event: Mapping[str, Any]) -> str:
     """A log line for a socket-monitor event of a refused handshake."""
     names = {zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed",
              zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "handshake failed (protocol: wrong or no keys)",
@@ -136,7 +140,7 @@ class Route(NamedTuple):
     """How to reach a master: the endpoint to dial and the keys to dial it with."""
 
     endpoint: str
-    keys: Optional[dict]
+    keys: dict | None
     known: bool  # a connection file for this master was found
 
 
@@ -160,23 +164,23 @@ def route_for(host: str, port: int, allow_local: bool = True, role: str = "clien
     if keys is None and not insecure:
         raise _no_keys(host, port, role, info)
     if keys is None:
-        logging.getLogger(f"cw.{role}").warning(
+        logging.getLogger(__name__).warning(
             "talking to %s:%d over plain TCP without keys (insecure): any local user "
             "listening there could run code as you", host, port)
     return Route(f"tcp://{host}:{port}", keys, info is not None)
 
 
-def keys_for(host: str, port: int, role: str = "client") -> Optional[dict]:
+def keys_for(host: str, port: int, role: str = "client") -> dict | None:
     """The ``role`` keys of the master at ``host:port``, from this user's connection files."""
     return _keys(connection_info(host, port, role), role)
 
 
-def _keys(info: Optional[dict], role: str) -> Optional[dict]:
+def _keys(info: dict | None, role: str) -> dict | None:
     fields = PEER_FIELDS[role]
     return {k: info[k] for k in fields} if has_keys(info, fields) else None
 
 
-def _no_keys(host: str, port: int, role: str, info: Optional[dict]) -> NoKeys:
+def _no_keys(host: str, port: int, role: str, info: dict | None) -> NoKeys:
     path = address.master_connection_file(host, port, FOLDERS[role])
     if info is not None and info.get("insecure"):
         why = (f"the master at {host}:{port} runs --insecure (no keys): pass insecure=True "
@@ -194,7 +198,7 @@ def is_loopback(host: str) -> bool:
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
-def connection_info(host: str, port: int, role: str = "client") -> Optional[dict]:
+def connection_info(host: str, port: int, role: str = "client") -> dict | None:
     """The ``role`` connection file of the master at ``host:port`` this user can see.
 
     Files for the same port are candidates; one whose recorded host is ``host``, or

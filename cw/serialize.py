@@ -4,7 +4,7 @@ Functions and data are pickled with cloudpickle (closures and lambdas work) at p
 Large buffers (bytearray, numpy arrays, ...) are taken out of band and travel as zmq frames
 of their own, so a 10 MB array is never copied into a pickle, msgpack or a joined message::
 
-    obj --cloudpickle(protocol 5)--> [pickle, buffer, buffer, ...] --zmq frames--> loads(pickle, buffers)
+    obj --cloudpickle(protocol 5)--> [pickle, buffer, ...] --zmq frames--> loads(pickle, buffers)
 
 Plain ``bytes`` are always copied into the pickle by the pickler (no hook sees them first), so
 a large ``bytes`` argument of a call, or a large ``bytes`` result, is wrapped to travel out of
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import cloudpickle
 

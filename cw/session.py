@@ -39,13 +39,15 @@ import itertools
 import logging
 import os
 import pickle
+import socket
 import sys
 import threading
 import time
 import weakref
 from collections import OrderedDict, deque
 from concurrent.futures import CancelledError
-from typing import Any, Callable, Iterable, Optional
+from typing import Any
+from collections.abc import Callable, Iterable
 
 import msgpack
 
@@ -55,7 +57,7 @@ from . import serialize
 from .errors import MasterLost, ProtocolError, RemoteException, RemoteTraceback, SerializationError
 from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
 
-log = logging.getLogger("cw.client")
+log = logging.getLogger(__name__)
 
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
@@ -79,9 +81,9 @@ class ClientJob:
 class Session:
     """Submit jobs, get their outcomes through two callbacks (run in the I/O thread)."""
 
-    def __init__(self, host: Optional[str], port: Optional[int],
+    def __init__(self, host: str | None, port: int | None,
                  on_started: Callable[[Any], None],
-                 on_done: Callable[[Any, Optional[BaseException], Any], None],
+                 on_done: Callable[[Any, BaseException | None, Any], None],
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
@@ -90,7 +92,7 @@ class Session:
         self.master_timeout = master_timeout
         self.lock = threading.Lock()
         self.delivering = threading.Lock()        # callbacks run one at a time
-        self.deliverer: Optional[int] = None      # the thread running them now
+        self.deliverer: int | None = None      # the thread running them now
         self.jobs: dict[int, ClientJob] = {}      # unsettled jobs, by seq
         self.unsent: list[ClientJob] = []
         self.held: deque[ClientJob] = deque()     # beyond the byte window, in order
@@ -108,10 +110,10 @@ class Session:
         self.seqs = itertools.count(1)
         self.closed = False
         # the lane (under lock): a worker's socket path, our id there, a connection to it
-        self.inbox: Optional[str] = None          # where lane results come (I/O thread)
-        self.lane: Optional[str] = None
+        self.inbox: str | None = None          # where lane results come (I/O thread)
+        self.lane: str | None = None
         self.lane_cid = 0
-        self.lane_sock = None                     # a socket.socket to the worker's lane
+        self.lane_sock: socket.socket | None = None  # to the worker's lane
         self.lane_has: set[bytes] = set()         # digests sent on this lane
         self.on_lane: dict[int, tuple[ClientJob, str]] = {}  # seq -> (job, lane endpoint)
         info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
@@ -123,7 +125,7 @@ class Session:
 
     # ---------------------------------------------------------------- user side
     def submit(self, func: Callable, args: tuple, kwargs: dict, token: Any,
-               opts: Optional[dict] = None) -> int:
+               opts: dict | None = None) -> int:
         """Queue one call; raise SerializationError at once if it will not pickle."""
         if not callable(func):
             raise TypeError(f"{func!r} is not callable")
@@ -156,7 +158,7 @@ class Session:
     def _to_lane(self, job: ClientJob) -> bool:
         """Send a lone job on the lane (under lock); False if there is none or it is not
         connected (yet, or any more): then it goes through the master."""
-        if self.lane_sock is None:
+        if self.lane_sock is None or self.lane is None:  # (both are set together)
             return False
         has_blob = job.digest not in self.lane_has
         if has_blob and len(self.lane_has) >= DIGESTS_KEPT:
@@ -420,6 +422,7 @@ class Session:
                 self._drop_lane()
             waiting = any(ep == peer for _, ep in self.on_lane.values())
         if waiting:
+            assert self.conn.loop is not None  # we run in it
             self.conn.loop.call_later(2 * self.conn.heartbeat_timeout, self._lane_lost, peer,
                                       "its connection closed", True)
 
@@ -451,7 +454,7 @@ class Session:
             seqs = [seq for seq, (_, ep) in self.on_lane.items() if ep == endpoint]
         self._resend_from_lane(seqs, None if graceful else str(why))
 
-    def _resend_from_lane(self, seqs: list, loss: Optional[str]) -> None:
+    def _resend_from_lane(self, seqs: list, loss: str | None) -> None:
         with self.lock:
             jobs = [self.on_lane.pop(seq)[0] for seq in seqs if seq in self.on_lane]
             jobs = [job for job in jobs if self.jobs.get(job.seq) is job]
@@ -538,7 +541,7 @@ class Session:
             log.exception("a result callback raised")
 
 
-def decode_outcome(status: int, payload: list, seq: int) -> tuple[Optional[BaseException], Any]:
+def decode_outcome(status: int, payload: list, seq: int) -> tuple[BaseException | None, Any]:
     """Turn a RESULTS entry into ``(error, value)``; never raises."""
     try:
         if status == P.OK:
@@ -571,7 +574,7 @@ def rebuild_error(payload: list) -> BaseException:
         return RemoteException(type_name, message, text)
     exc.__cause__ = RemoteTraceback(text)
     try:
-        exc.remote_traceback = text
+        exc.remote_traceback = text  # type: ignore[attr-defined]  # any type: set at run time
     except AttributeError:  # an exception type with __slots__
         pass
     return exc

@@ -30,7 +30,8 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import ContextManager, Iterator, Optional, Sequence
+from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
 
 from . import address
 from .errors import MasterNotFound, MasterUnreachable
@@ -38,7 +39,7 @@ from .launch import (LaunchError, allocated, log_tail, print_master_status, pyth
                      wait_until_up, worker_names)
 from .protocol import DEFAULT_PORT
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 JOB_MASTER = "cmaster"
 JOB_WORKERS = "cworkers"
@@ -69,11 +70,11 @@ class SlurmCluster:
     host: str
     port: int
     jobs: dict[str, str]       # job name -> job id, for the jobs this start submitted
-    status: Optional[dict] = None
+    status: dict | None = None
 
 
 # ------------------------------------------------------------------ squeue
-def _run(argv: list[str], input: Optional[str] = None) -> subprocess.CompletedProcess:
+def _run(argv: list[str], input: str | None = None) -> subprocess.CompletedProcess:
     """Run a SLURM command (bounded); LaunchError if it is missing or hangs."""
     log.debug("running %s", shlex.join(argv))
     try:
@@ -121,7 +122,7 @@ def _poll(timeout: float) -> Iterator[float]:
         delay = min(delay * 1.5, POLL_MAX)
 
 
-def _running_master(timeout: float) -> Optional[Job]:
+def _running_master(timeout: float) -> Job | None:
     """The user's RUNNING cmaster job, polling squeue up to ``timeout`` seconds."""
     for _ in _poll(timeout):
         try:
@@ -134,14 +135,14 @@ def _running_master(timeout: float) -> Optional[Job]:
     return None
 
 
-def master_host(timeout: float = 0.0) -> Optional[str]:
+def master_host(timeout: float = 0.0) -> str | None:
     """The node the user's running cmaster job runs on (asking squeue, polling up to
     ``timeout`` seconds with backoff); None if there is none or SLURM is absent."""
     job = _running_master(timeout)
     return job.node if job else None
 
 
-def master_address(timeout: float = 0.0) -> Optional[str]:
+def master_address(timeout: float = 0.0) -> str | None:
     """``"node:port"`` of the user's running cmaster job (see master_host), else None."""
     job = _running_master(timeout)
     return f"{job.node}:{_port_of(job)}" if job else None
@@ -245,7 +246,7 @@ def _submit_master(port: int, options: Sequence[str], log_level: str) -> str:
                    ["--ntasks=1", f"--comment={PORT_TAG}{port}", *options])
 
 
-def _worker_command(docker_image: Optional[str], docker_args: str, master: Optional[tuple],
+def _worker_command(docker_image: str | None, docker_args: str, master: tuple,
                     log_level: str) -> list[str]:
     if not docker_image:
         return [sys.executable, "-m", "cw.worker", "--slurm", "--log-level", log_level]
@@ -291,7 +292,7 @@ class _Watch:
     def master(self, timeout: float) -> Job:
         """Wait until the submitted master job runs; return it."""
         for _ in _poll(timeout):
-            job = self.check().get(self.submitted[JOB_MASTER])
+            job = self.check()[self.submitted[JOB_MASTER]]  # check() raises if it is gone
             if job.state == "RUNNING" and job.node:
                 log.info("%s", job.describe())
                 return job
@@ -300,11 +301,11 @@ class _Watch:
 
 
 def start(nworkers: int, master: bool = True, workers: bool = True,
-          port: Optional[int] = None, partition: Optional[str] = None,
-          time_limit: Optional[str] = None, master_options: Sequence[str] = (),
+          port: int | None = None, partition: str | None = None,
+          time_limit: str | None = None, master_options: Sequence[str] = (),
           worker_options: Sequence[str] = (), isolated: bool = False,
-          docker_image: Optional[str] = None, docker_args: str = "",
-          timeout: float = START_TIMEOUT, pending_timeout: Optional[float] = None,
+          docker_image: str | None = None, docker_args: str = "",
+          timeout: float = START_TIMEOUT, pending_timeout: float | None = None,
           log_level: str = "INFO") -> SlurmCluster:
     """Submit a cmaster job and/or a cworkers job of ``nworkers`` tasks; return once the
     master answers and the workers have registered.
@@ -331,7 +332,7 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
             host, port = find_master(timeout) if port is None else (master_host(timeout), port)
             if host is None:
                 raise LaunchError(f"no running {JOB_MASTER} job found for the workers")
-        known = frozenset() if master else worker_names(host, port)
+        known = frozenset() if master or host is None else worker_names(host, port)
         if workers and nworkers > 0:  # submitted before the master runs: scheduled together
             command = _worker_command(docker_image, docker_args, (host, port), log_level)
             submitted[JOB_WORKERS] = _submit_workers(
@@ -421,14 +422,14 @@ def stop(master: bool = True, workers: bool = True,
 
 
 def allocate(nworkers: int, master: bool = True, workers: bool = True,
-             **options) -> ContextManager[SlurmCluster]:
+             **options) -> AbstractContextManager[SlurmCluster]:
     """``with allocate(n) as cluster:`` SLURM jobs that are cancelled when the block ends."""
     return allocated(lambda: start(nworkers, master=master, workers=workers, **options),
                      lambda cluster: _cancel(list(cluster.jobs.values())))
 
 
 # ------------------------------------------------------------------ command line
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """``slurm.py -n N start|stop|status``: the SLURM launcher's command line."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -467,7 +468,8 @@ def _parser() -> argparse.ArgumentParser:
                    default=[], help="pass ARG to the workers' sbatch (repeatable; write "
                         "--Xworkers=--mem=2G when ARG starts with -)")
     p.add_argument("--Xmaster", dest="master_options", metavar="ARG", action="append",
-                   default=[], help="pass ARG to the master's sbatch (repeatable, as --Xmaster=ARG)")
+                   default=[],
+                   help="pass ARG to the master's sbatch (repeatable, as --Xmaster=ARG)")
     p.add_argument("-i", "--isolated", action="store_true", help="one worker per node")
     p.add_argument("-d", "--docker-image", default=None, help="run the workers in this image")
     p.add_argument("--docker-args", default="", help="extra arguments for `docker run`")

@@ -34,13 +34,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from . import address, cli
 from .errors import CwError, MasterUnreachable
 from .status import status as master_status
 
-log = logging.getLogger("cw.ssh")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 SSH_DEFAULTS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 SSH_TIMEOUT = 60.0      # seconds one ssh command may take, on top of any remote wait
@@ -57,8 +58,8 @@ class HostSpec:
 
     host: str
     processes: int = 1
-    user: Optional[str] = None
-    ssh_port: Optional[int] = None
+    user: str | None = None
+    ssh_port: int | None = None
 
     @property
     def target(self) -> str:
@@ -74,7 +75,7 @@ class Record:
     processes: int
     hostname: str
     log: str
-    ssh_port: Optional[int] = None
+    ssh_port: int | None = None
     ssh_options: list = field(default_factory=list)
     python: str = "python3"
     started: float = 0.0
@@ -206,7 +207,7 @@ print(json.dumps(out))
 """
 
 
-def ssh_command(target: str, ssh_port: Optional[int], options: list[str],
+def ssh_command(target: str, ssh_port: int | None, options: list[str],
                 python: str) -> list[str]:
     """The ssh command line that runs ``python -`` on ``target``: ``--`` ends ssh's options,
     so no host name can pass for one."""
@@ -216,7 +217,7 @@ def ssh_command(target: str, ssh_port: Optional[int], options: list[str],
             "--", target, f"{shlex.quote(python)} -"]
 
 
-def run_remote(target: str, ssh_port: Optional[int], options: list[str], python: str,
+def run_remote(target: str, ssh_port: int | None, options: list[str], python: str,
                script: str, args: dict, timeout: float = SSH_TIMEOUT) -> dict:
     """Run ``script`` with ``args`` by ``python -`` on ``target``; return its JSON answer."""
     argv = ssh_command(target, ssh_port, options, python)
@@ -258,14 +259,18 @@ def save_state(state: dict[str, list[Record]]) -> None:
     address.write_connection_file(state_file(), {"masters": masters})
 
 
-def master_key(master: Optional[str]) -> tuple[str, int, str]:
+def master_key(master: str | None) -> tuple[str, int, str]:
     """``(host, port, "host:port")`` of the master, as remote workers are told to dial it."""
     host, port = address.resolve(master)
     return host, port, f"{host}:{port}"
 
 
 # ---------------------------------------------------------------- commands
-def _each(items: list, fn: Callable) -> list[tuple[object, object]]:
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _each(items: list[T], fn: Callable[[T], R]) -> list[tuple[T, R | SshError]]:
     """``fn(item)`` for every item on a few threads: ``[(item, result or SshError)]``."""
     def safe(item):
         try:
@@ -276,9 +281,9 @@ def _each(items: list, fn: Callable) -> list[tuple[object, object]]:
         return list(zip(items, pool.map(safe, items)))
 
 
-def start(master: Optional[str], specs: list[HostSpec], options: list[str] = (),
-          python: str = "python3", env: Optional[dict] = None, cwd: Optional[str] = None,
-          worker_args: list[str] = ()) -> list[tuple[HostSpec, object]]:
+def start(master: str | None, specs: list[HostSpec], options: Sequence[str] = (),
+          python: str = "python3", env: dict | None = None, cwd: str | None = None,
+          worker_args: Sequence[str] = ()) -> list[tuple[HostSpec, Record | SshError]]:
     """Start workers on every host; record the ones started. ``[(spec, Record|SshError)]``."""
     host, port, key = master_key(master)
     if _loopback(host) and not all(_loopback(s.host) for s in specs):
@@ -311,7 +316,7 @@ def _by_target(records: list[Record]) -> list[list[Record]]:
     return list(groups.values())
 
 
-def _selected(key: str, specs: Optional[list[HostSpec]]) -> list[Record]:
+def _selected(key: str, specs: list[HostSpec] | None) -> list[Record]:
     records = load_state().get(key, [])
     if specs is None:
         return records
@@ -333,7 +338,7 @@ def _ask(records: list[Record], script: str, extra: dict, timeout: float) -> lis
     return out
 
 
-def stop(master: Optional[str], specs: Optional[list[HostSpec]] = None,
+def stop(master: str | None, specs: list[HostSpec] | None = None,
          timeout: float = STOP_TIMEOUT) -> list[tuple[Record, object]]:
     """Stop the recorded supervisors (of ``specs``' hosts, else all) of this master.
 
@@ -349,14 +354,14 @@ def stop(master: Optional[str], specs: Optional[list[HostSpec]] = None,
     return results
 
 
-def status(master: Optional[str], specs: Optional[list[HostSpec]] = None
+def status(master: str | None, specs: list[HostSpec] | None = None
            ) -> list[tuple[Record, object]]:
     """``[(record, "running" | "gone" | SshError)]`` for the recorded supervisors."""
     return _ask(_selected(master_key(master)[2], specs), STATUS, {}, SSH_TIMEOUT)
 
 
 # ---------------------------------------------------------------- command line
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cw-ssh", description=(
         "Start, stop or list cw workers on other machines over ssh; started workers are "
         "recorded in $CW_HOME/ssh.json so that stop and status find them."))
@@ -398,7 +403,7 @@ def _env(values: list[str]) -> dict[str, str]:
     return env
 
 
-def _seen_by_master(master: Optional[str]) -> Optional[dict[str, int]]:
+def _seen_by_master(master: str | None) -> dict[str, int] | None:
     try:
         info = master_status(master, timeout=3.0)
     except MasterUnreachable:
@@ -409,7 +414,7 @@ def _seen_by_master(master: Optional[str]) -> Optional[dict[str, int]]:
     return seen
 
 
-def _report(rows: list[tuple[object, object]], line: Callable[[object, object], str]) -> int:
+def _report(rows: Sequence[tuple[Any, Any]], line: Callable[[Any, Any], str]) -> int:
     failed = 0
     for item, outcome in rows:
         if isinstance(outcome, SshError):
@@ -420,7 +425,7 @@ def _report(rows: list[tuple[object, object]], line: Callable[[object, object], 
     return 1 if failed else 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cli.setup_logging(args.log_level, args.log_file, "ssh")
     try:
@@ -430,9 +435,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "start":
             if specs is None:
                 raise SshError("start needs --hosts")
-            rows = start(args.master, specs, ssh_options(args.ssh_option), args.python,
-                         _env(args.env), args.chdir, shlex.split(args.worker_args))
-            return _report(rows, lambda s, r: f"{s.target}: started {r.processes} workers "
+            started = start(args.master, specs, ssh_options(args.ssh_option), args.python,
+                            _env(args.env), args.chdir, shlex.split(args.worker_args))
+            return _report(started, lambda s, r: f"{s.target}: started {r.processes} workers "
                                               f"(supervisor pid {r.pid} on {r.hostname}), "
                                               f"log {r.log}")
         if args.command == "stop":

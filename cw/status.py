@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import uuid
-from typing import Optional
 
 import zmq
 
@@ -23,7 +22,7 @@ from . import protocol as P
 from .errors import MasterUnreachable, SecurityError
 
 
-def status(host: Optional[str] = None, port: Optional[int] = None,
+def status(host: str | None = None, port: int | None = None,
            timeout: float = 5.0, insecure: bool = False) -> dict:
     """Ask the master for its state; raise MasterUnreachable if it does not answer in time
     (NoKeys, at once, if this user has no connection file with its keys; ``insecure``
@@ -38,7 +37,7 @@ def status(host: Optional[str] = None, port: Optional[int] = None,
         security.secure_client(sock, route.keys)
         sock.connect(route.endpoint)
         sock.send(P.pack(P.STATUS))
-        if not sock.poll(timeout * 1000):
+        if not sock.poll(int(timeout * 1000)):
             raise MasterUnreachable(f"no cw master answered at {host}:{port} within "
                                     f"{timeout:g} s")
         header = P.unpack(sock.recv())
@@ -69,7 +68,7 @@ def format_table(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cw-status", description="Show a cw master's state.")
     parser.add_argument("host", nargs="?", default=None, help="the master's host[:port]")
     parser.add_argument("--port", type=int, default=None)

@@ -32,7 +32,8 @@ class Throughput:
 
     def series(self) -> list[list]:
         """``[wall time, routed, results/s since the previous sample, queue]`` per sample."""
-        out, prev = [], None
+        out: list[list] = []
+        prev: tuple | None = None
         for wall, mono, routed, queue in self.samples:
             rate = 0.0 if prev is None or mono <= prev[1] else \
                 max(0, routed - prev[2]) / (mono - prev[1])

@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Optional
+from collections.abc import Sequence
 
 import cloudpickle
 import msgpack
@@ -52,7 +52,7 @@ from .errors import (CwError, JobTimeout, MasterUnreachable, NoKeys, ProtocolErr
                      SecurityError)
 from .peer import Alias, Connection, check_size, peer_info
 
-log = logging.getLogger("cw.worker")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 RESULT_TIMEOUT = 30.0      # seconds a lane result may wait for its client to read it
 LANE_RESULT_MAX = 64 << 10  # larger lane results go through the master (they never block us)
@@ -80,26 +80,27 @@ class LocalJob:
                  "_interrupted")
 
     def __init__(self, cid: int, seq: int, digest: bytes, frames: list, opts, epoch: int,
-                 lane: Optional[str] = None):
+                 lane: str | None = None):
         self.cid, self.seq, self.digest, self.frames, self.opts = cid, seq, digest, frames, opts
         self.epoch = epoch  # which registration with the master it came under
         self.lane = lane    # a lane job: the inbox of the client that sent it
         self.told = False   # a lane job's client was told it started
+        self._interrupted = False  # SIGUSR1 sent for passing its timeout
 
 
 class Worker:
     """One worker process: connects, registers and runs jobs until stopped."""
 
-    def __init__(self, host: Optional[str] = None, port: Optional[int] = None,
+    def __init__(self, host: str | None = None, port: int | None = None,
                  slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
-                 link: Optional["SupervisorLink"] = None, insecure: bool = False):
+                 link: SupervisorLink | None = None, insecure: bool = False):
         self.host, self.port = address.resolve(host, port)
         self.link = link  # to our supervisor (None: run by hand)
         self.slots = slots
         self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
         self.max_memory = max_memory      # recycle when RSS passes this many MB (0: never)
         self.recycle = False
-        self.current: Optional[LocalJob] = None   # the running job (set under cond)
+        self.current: LocalJob | None = None   # the running job (set under cond)
         self.deadline = 0.0                       # monotonic time it must end by, 0: none
         self.in_job = False                       # main thread is inside the job's code
         self.cond = threading.Condition()
@@ -120,15 +121,15 @@ class Worker:
         self.running = True
         # main thread only
         self.functions: dict[tuple[int, bytes], object] = {}
-        self.current_cid: Optional[int] = None
+        self.current_cid: int | None = None
         self.base_path = list(sys.path)
         self.base_cwd = os.getcwd()
         self.jobs_done = 0
-        self.results_out: Optional[lane.Outlets] = None  # lane results to client inboxes
+        self.results_out: lane.Outlets | None = None  # lane results to client inboxes
         self.result_inboxes: dict[int, str] = {}      # cid -> its inbox, for FORGET
         # I/O thread only
-        self.flusher: Optional[PeriodicCallback] = None
-        self.io_out: Optional[lane.Outlets] = None    # BOUNCE and LSTARTED to client inboxes
+        self.flusher: PeriodicCallback | None = None
+        self.io_out: lane.Outlets | None = None    # BOUNCE and LSTARTED to client inboxes
         self.io_inboxes: dict[int, str] = {}
         info = peer_info(slots=slots, supervisor=os.getppid() if link else None)
         self.conn = Connection(self.host, self.port, "worker", info,
@@ -136,7 +137,7 @@ class Worker:
                                on_begin=self._open_lane, insecure=insecure)
 
     # ---------------------------------------------------------------- main thread
-    def run(self, connect_timeout: Optional[float] = None) -> None:
+    def run(self, connect_timeout: float | None = None) -> None:
         """Register, then run jobs until SIGINT/SIGTERM or ``stop()``."""
         log.info("worker %s connecting to %s", self.conn.info["name"], self.conn.endpoint)
         self.conn.start(connect_timeout)
@@ -214,6 +215,7 @@ class Worker:
     def _lane_done(self, job: LocalJob, status: int, frames: list) -> None:
         """Send a lane job's outcome straight to its client (a large one through the master,
         so a client slow to read never stalls us); the master counts it from our note."""
+        assert job.lane is not None and self.results_out is not None  # a lane job, run()
         with self.cond:
             self.current, self.deadline = None, 0.0
             known = job.cid in self.contexts  # else its client is gone (FORGET)
@@ -305,14 +307,14 @@ class Worker:
             for key in [k for k in self.functions if k[0] == cid]:
                 del self.functions[key]
             inbox = self.result_inboxes.pop(cid, None)
-            if inbox:
+            if inbox and self.results_out is not None:
                 self.results_out.close(inbox)
             if self.current_cid == cid:
                 self.current_cid = None
         self.forgotten.clear()
 
     # ---------------------------------------------------------------- outbox (under cond)
-    def _note(self, started: list, done: list, frames: list, lane_done: list = ()) -> None:
+    def _note(self, started: list, done: list, frames: list, lane_done: Sequence = ()) -> None:
         if not self._has_notes():
             self.out_since = time.monotonic()
         self.out_started.extend(started)
@@ -323,7 +325,7 @@ class Worker:
     def _has_notes(self) -> bool:
         return bool(self.out_started or self.out_done or self.out_lane)
 
-    def _take_outbox(self) -> Optional[list]:
+    def _take_outbox(self) -> list | None:
         """The outbox as one RESULTS message (None if empty), emptied."""
         if not self._has_notes():
             return None
@@ -356,16 +358,17 @@ class Worker:
             job = self.current
             tell = job is not None and job.lane and not job.told and \
                 now - self.current_since >= FLUSH_INTERVAL
-            if tell:
+            if tell and job is not None:  # (mypy does not narrow job through tell)
                 job.told = True
-        if tell:  # it runs on: its client may show it running, the master feeds others
+        if tell and job is not None and job.lane is not None:
+            # it runs on: its client may show it running, the master feeds others
             self._tell(job.cid, job.lane, P.LSTARTED, job.seq)
             self.conn.send([P.pack(P.LANE_BUSY, job.cid, job.seq)])
         with self.cond:
             idle = not self.pending and self.current is None and not self._has_notes()
             if idle:
                 self.ticking = False
-        if idle:
+        if idle and self.flusher is not None:
             self.flusher.stop()
 
     def _time_up(self, now: float) -> None:
@@ -374,10 +377,12 @@ class Worker:
         if job is None:
             return
         if now < self.deadline + TIMEOUT_GRACE:
-            if not getattr(job, "_interrupted", False):
+            if not job._interrupted:
                 job._interrupted = True
                 log.warning("job %d passed its timeout; interrupting it", job.seq)
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+                main = threading.main_thread().ident
+                assert main is not None  # it runs us
+                signal.pthread_kill(main, signal.SIGUSR1)
             return
         log.error("job %d ignores its timeout; reporting it and replacing this worker", job.seq)
         frames = error_frames(_timeout_error(job))
@@ -408,7 +413,7 @@ class Worker:
             with self.cond:
                 for cid in header[1]:
                     inbox = self.io_inboxes.pop(cid, None)
-                    if inbox:
+                    if inbox and self.io_out is not None:
                         self.io_out.close(inbox)
                     self.contexts.pop(cid, None)
                     for key in [k for k in self.blobs if k[0] == cid]:
@@ -474,6 +479,7 @@ class Worker:
     def _tell(self, cid: int, inbox: str, kind: int, seq: int) -> None:
         """A note to a lane job's client (I/O thread)."""
         self.io_inboxes[cid] = inbox
+        assert self.io_out is not None  # _begin() made it, before any lane job came
         if lane.unreachable(self.io_out.send(inbox, [P.pack(kind, seq)])):
             self.conn.send([P.pack(P.LANE_REFUSED, cid)])
 
@@ -602,8 +608,8 @@ class Supervisor:
     heartbeat timeout, and its slot is restarted (with a back-off if it keeps dying).
     """
 
-    def __init__(self, argv: list[str], n: int, host: Optional[str] = None,
-                 port: Optional[int] = None, insecure: bool = False):
+    def __init__(self, argv: list[str], n: int, host: str | None = None,
+                 port: int | None = None, insecure: bool = False):
         self.argv = argv
         self.n = n
         self.children: dict[int, subprocess.Popen] = {}
@@ -729,7 +735,7 @@ class Supervisor:
                 proc.kill()
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cw-worker", description=(
         "Run cw worker processes that take jobs from a cw master."))
     parser.add_argument("host", nargs="?", default=None,
@@ -773,7 +779,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     return argv + ["--insecure"] * args.insecure
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
     cli.raise_fd_limit()

@@ -12,14 +12,15 @@ re-checked and the drain is re-scheduled if messages are waiting.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
+from typing import cast
 
 import zmq
 from tornado.ioloop import IOLoop
 
 BATCH = 1000
 
-log = logging.getLogger("cw.zloop")
+log = logging.getLogger(__name__)
 
 
 class SocketLoop:
@@ -37,7 +38,8 @@ class SocketLoop:
 
     def kick(self) -> None:
         """Schedule a drain if messages are waiting (call after sending)."""
-        if not self._scheduled and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        # pyzmq's stubs say int | bytes for every option; EVENTS is an int
+        if not self._scheduled and cast(int, self.sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             self._scheduled = True
             self.loop.add_callback(self._drain)
 

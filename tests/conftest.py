@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import os
 import selectors
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 
@@ -54,7 +53,7 @@ def gated(gate: str, value=None):
 class Proc:
     """A child process in its own process group, stopped by pid at teardown."""
 
-    def __init__(self, argv: list[str], env: Optional[dict] = None, cwd=None,
+    def __init__(self, argv: list[str], env: dict | None = None, cwd=None,
                  stdout=subprocess.PIPE):
         self.argv = argv
         self.log = Path(os.environ["CW_HOME"]) / f"proc-{time.monotonic_ns()}.log"
@@ -82,7 +81,7 @@ class Proc:
         except ProcessLookupError:
             pass
 
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
+    def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the group, SIGKILL it after ``timeout``; return the exit code."""
         stop_group(self.popen, timeout)
         self.log_file.close()
@@ -90,7 +89,7 @@ class Proc:
 
 
 class Master(Proc):
-    def __init__(self, *extra: str, port: int = 0, env: Optional[dict] = None):
+    def __init__(self, *extra: str, port: int = 0, env: dict | None = None):
         super().__init__([sys.executable, "-m", "cw.master", "--host", "127.0.0.1",
                           "--port", str(port), *HB, *extra], env=env)
         line = self.readline()
@@ -108,7 +107,7 @@ class Master(Proc):
 
 
 class Workers(Proc):
-    def __init__(self, master: Master, n: int = 1, *extra: str, env: Optional[dict] = None):
+    def __init__(self, master: Master, n: int = 1, *extra: str, env: dict | None = None):
         super().__init__([sys.executable, "-m", "cw.worker", master.host, "--port",
                           str(master.port), "-n", str(n), *extra], env=env,
                          stdout=subprocess.DEVNULL)

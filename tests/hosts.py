@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.77"  # a private range that exists only on the rig's bridge
@@ -41,7 +41,7 @@ UNSHARE = ["unshare", "--uts", "--mount", "--propagation", "private"]
 LAUNCH = 'hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
 
 
-def unavailable() -> Optional[str]:
+def unavailable() -> str | None:
     """Why the rig cannot run here (None: it can)."""
     if os.geteuid() != 0:
         return "the hosts rig needs root (network namespaces)"
@@ -63,7 +63,7 @@ def unavailable() -> Optional[str]:
     return None
 
 
-def _ip(*args: str, ns: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
+def _ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     argv = ["ip", *(["netns", "exec", ns, "ip"] if ns else []), *args]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     if check and done.returncode != 0:
@@ -109,7 +109,7 @@ def _kill(pids: str) -> None:
 
 
 def stop_group(popen: subprocess.Popen, timeout: float = 10.0,
-               ignored: Optional[Callable[[], None]] = None) -> None:
+               ignored: Callable[[], None] | None = None) -> None:
     """SIGTERM ``popen``'s process group (it leads one), SIGKILL it after ``timeout``
     (``ignored()`` is told), then SIGKILL what is left of the group (children of a killed
     supervisor)."""
@@ -132,8 +132,8 @@ def stop_group(popen: subprocess.Popen, timeout: float = 10.0,
 class HostProc:
     """A process on a host, in its own process group; its stderr goes to a log file."""
 
-    def __init__(self, host: "Host", argv: list[str], env: dict, stdout, name: str,
-                 command: list[str], cwd: Optional[str] = None):
+    def __init__(self, host: Host, argv: list[str], env: dict, stdout, name: str,
+                 command: list[str], cwd: str | None = None):
         self.host = host
         self.argv = argv
         self.command = command  # what runs on the host (argv wraps it)
@@ -177,7 +177,7 @@ class HostProc:
     def wait(self, timeout: float) -> int:
         return self.popen.wait(timeout)
 
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
+    def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM the group, SIGKILL it after ``timeout``; return the exit code."""
         stop_group(self.popen, timeout, lambda: print(
             f"{self.command[-3:]} on {self.host.name} ignored SIGTERM for {timeout:g} s; "
@@ -193,7 +193,7 @@ class HostProc:
 class Host:
     """One namespace of the rig: a name, an address, a runtime directory."""
 
-    def __init__(self, rig: "Rig", index: int):
+    def __init__(self, rig: Rig, index: int):
         self.rig = rig
         self.index = index
         self.name = f"h{index}"
@@ -212,8 +212,8 @@ class Host:
         _ip("link", "set", "lo", "up", ns=self.ns)
         self.run_dir.mkdir(mode=0o700)
 
-    def start(self, argv: list[str], env: Optional[dict] = None, stdout=subprocess.PIPE,
-              name: str = "proc", cwd: Optional[str] = None) -> HostProc:
+    def start(self, argv: list[str], env: dict | None = None, stdout=subprocess.PIPE,
+              name: str = "proc", cwd: str | None = None) -> HostProc:
         """Run ``argv`` on this host (its namespaces, its hostname, its runtime dir)."""
         full = ["ip", "netns", "exec", self.ns, *UNSHARE, "sh", "-c", LAUNCH, "sh", self.name,
                 str(self.rig.hosts_file), *argv]
@@ -276,7 +276,7 @@ class Rig:
         """Hosts by number: ``rig[1]`` is h1."""
         return self.hosts[index - 1]
 
-    def __enter__(self) -> "Rig":
+    def __enter__(self) -> Rig:
         return self
 
     def __exit__(self, *exc) -> None:

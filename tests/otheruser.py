@@ -25,7 +25,8 @@ import subprocess
 import time
 import traceback
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 import pytest
 
@@ -156,7 +157,7 @@ class OtherUser:
             child.stop()
 
 
-def make_other_user() -> Optional[OtherUser]:
+def make_other_user() -> OtherUser | None:
     """Create a throwaway account, or None where that is impossible (not root)."""
     if os.getuid() != 0 or not shutil.which("useradd"):
         return None

@@ -13,7 +13,6 @@ import threading
 import time
 import weakref
 from functools import partial
-from pathlib import Path
 
 import pytest
 
@@ -332,7 +331,7 @@ class Traced:
         return x + 1
 
 
-def _revive_traced(path: str) -> "Traced":
+def _revive_traced(path: str) -> Traced:
     with open(path, "a") as f:
         f.write("x")
     return Traced(path)

@@ -266,7 +266,7 @@ def test_supervisor_keeps_every_slot_when_old_workers_die_in_a_row(procs, master
         kids = three_children()
         assert kids, "a slot was given up:\n" + supervisor.stderr()[-600:]
         oldest = min(kids, key=lambda c: c.create_time())
-        wait_for(lambda: time.time() - oldest.create_time() > 1.0, 5, "a victim older than 1 s")
+        wait_for(lambda oldest=oldest: time.time() - oldest.create_time() > 1.0, 5, "a victim older than 1 s")
         oldest.kill()
         time.sleep(0.5)  # the pace of the kills, not a synchronisation
     wait_for(three_children, 10, "3 worker processes after the kills")

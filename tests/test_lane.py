@@ -132,7 +132,7 @@ def test_a_lane_death_is_charged_like_any_other(cluster):
 def test_garbage_on_a_lane_and_an_inbox_is_dropped(procs, master, caplog):
     """Well-framed nonsense is dropped message by message; a broken frame count closes
     that one connection. Either way the lane keeps working."""
-    caplog.set_level(logging.WARNING, "cw.client")
+    caplog.set_level(logging.WARNING, "cw.session")
     workers = procs.workers(master, 1)
     with executor(master) as ex:
         endpoint = with_lane(ex)

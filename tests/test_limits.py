@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import encodings.idna  # noqa: F401  (the other user cannot import it: /root is 0700)
-import os
 import resource
 import select
 import socket
