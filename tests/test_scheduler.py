@@ -553,6 +553,7 @@ def test_a_lane_death_reported_by_the_client_is_charged():
     rig.submit(c, 2)
     rig.flush()
     assert rig.jobs_to(a) == [1]  # a suspect: alone
+    assert rig.jobs_to(b) == [2, 3]  # the innocent jobs go elsewhere
     rig.state.peer_gone(a.ident, "exit code 2")
     rig.flush()
     error = error_of(rig.outcomes(c)[1])
