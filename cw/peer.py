@@ -186,7 +186,10 @@ class Connection:
         if now - self._redialed < self.heartbeat_interval:
             return False
         self._redialed = now
-        self._switch(security.route_for(self.host, self.port))
+        route = self._find_route()  # our role's keys; None if the file is gone for now
+        if route is None:
+            return False
+        self._switch(route)
         return True
 
     def listen(self, kind: str, handler: Callable[[list], None],
@@ -254,8 +257,10 @@ class Connection:
             return False
         self.log.error("uid %d answers on the local socket %s, not this user: someone else "
                        "took the master's path; leaving it", uids[0], self.endpoint)
-        self._switch(security.route_for(self.host, self.port))  # it is not trusted now
-        self._hello()
+        route = self._find_route()  # the squatted path is not trusted now: TCP with our keys
+        if route is not None:  # (None: no keys for now; say nothing until a redial finds them)
+            self._switch(route)
+            self._hello()
         return True
 
     def _begin(self) -> None:

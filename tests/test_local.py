@@ -5,6 +5,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import stat
 
@@ -240,3 +241,18 @@ def talk_to(path: str) -> bytes:
         return sock.recv(100)
     except ConnectionResetError:
         return b""
+
+
+@pytest.mark.timeout(90)
+def test_a_local_worker_redials_by_tcp_with_its_own_key_when_the_socket_is_gone(procs):
+    """A worker on the local socket whose master comes back without one dials again by TCP,
+    as a worker (the workers' key: a client key would be refused), and runs jobs."""
+    first = procs.master()
+    procs.workers(first, 1)
+    first.signal(signal.SIGKILL)
+    first.popen.wait(10)
+    second = procs.master("--no-local-socket", port=first.port)
+    second.wait_workers(1, timeout=40)
+    with ClusterExecutor(second.host, second.port) as ex:
+        assert ex.submit(abs, -5).result(timeout=30) == 5
+    assert "cannot register" not in second.stderr()
