@@ -7,7 +7,6 @@ connection files never touch the real home directory.
 from __future__ import annotations
 
 import os
-import selectors
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cw.status import status  # noqa: E402
-from hosts import stop_group  # noqa: E402  (tests/hosts.py)
+from hosts import read_line, stop_group  # noqa: E402  (tests/hosts.py)
 
 # fast failure detection for tests (the defaults are 1 s / 10 s)
 HB = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2"]
@@ -64,12 +63,11 @@ class Proc:
         self.pid = self.popen.pid
 
     def readline(self, timeout: float = 15.0) -> str:
-        sel = selectors.DefaultSelector()
-        sel.register(self.popen.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
+        line = read_line(self.popen, timeout)
+        if line is None:
             raise AssertionError(f"{self.argv} printed nothing within {timeout} s:\n"
                                  f"{self.stderr()}")
-        return self.popen.stdout.readline().decode()
+        return line
 
     def stderr(self) -> str:
         self.log_file.flush()

@@ -108,6 +108,13 @@ def _kill(pids: str) -> None:
 
 
 
+def read_line(popen: subprocess.Popen, timeout: float) -> str | None:
+    """The next line ``popen`` prints ("" at its end), or None if none comes in ``timeout``."""
+    sel = selectors.DefaultSelector()
+    sel.register(popen.stdout, selectors.EVENT_READ)
+    return popen.stdout.readline().decode() if sel.select(timeout) else None
+
+
 def stop_group(popen: subprocess.Popen, timeout: float = 10.0,
                ignored: Callable[[], None] | None = None) -> None:
     """SIGTERM ``popen``'s process group (it leads one), SIGKILL it after ``timeout``
@@ -145,12 +152,10 @@ class HostProc:
 
     def readline(self, timeout: float = 20.0) -> str:
         """The next line of stdout; AssertionError if none comes within ``timeout``."""
-        sel = selectors.DefaultSelector()
-        sel.register(self.popen.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
+        line = read_line(self.popen, timeout)
+        if line is None:
             raise AssertionError(f"{self.command[-3:]} on {self.host.name} printed nothing "
                                  f"within {timeout} s:\n{self.stderr()}")
-        line = self.popen.stdout.readline().decode()
         if not line:
             raise AssertionError(f"{self.command[-3:]} on {self.host.name} exited "
                                  f"({self.popen.wait()}):\n{self.stderr()}")
