@@ -14,8 +14,8 @@
                   queued_only); what a worker holds runs, as in ProcessPoolExecutor
 
 Byte window: the master keeps what it is sent in memory until a worker takes it, so a client
-keeps at most ``window()`` bytes of arguments there (``WINDOW_PER_WORKER`` per connected
-worker, at least ``WINDOW_MIN``; one job always fits). Jobs beyond it wait in ``held`` (they
+keeps at most ``window()`` bytes of arguments there (``protocol.window``: WINDOW_PER_WORKER per
+connected worker, at least WINDOW_MIN; one job always fits). Jobs beyond it wait in ``held`` (they
 reference the caller's data, so this costs no copy) and leave, in order, as results free room.
 Small jobs never reach it: 20,000 no-op jobs are under 1 MB.
 
@@ -62,8 +62,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
 DIGESTS_KEPT = 10_000          # digests remembered as sent; beyond, forgotten (sent again)
-WINDOW_PER_WORKER = P.WINDOW_PER_WORKER  # argument bytes a client keeps at the master
-WINDOW_MIN = P.WINDOW_MIN
 LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane
 LANE_MAX_BYTES = 1 << 20       # larger arguments go through the master (zero-copy there)
 
