@@ -6,8 +6,8 @@ import logging
 import os
 import sys
 import time
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 
 def env(name: str, default: Any, cast: Callable[[str], Any] = str) -> Any:

@@ -128,3 +128,15 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return f'\n"""\n{self.tb}"""'
+
+
+class LaunchError(CwError):
+    """A launcher could not bring up (or find) the master or the workers it was asked for."""
+
+
+class SshError(LaunchError):
+    """An ssh launch failed: a host refused, a command failed, or a name is unsafe."""
+
+
+class DashboardError(CwError):
+    """The dashboard could not start (its port is taken, or the address is refused)."""

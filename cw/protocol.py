@@ -48,7 +48,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import ProtocolError
+from cw.errors import ProtocolError
 
 VERSION = 1
 DEFAULT_PORT = 5494

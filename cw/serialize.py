@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import pickle
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import cloudpickle
 
-from .errors import SerializationError
+from cw.errors import SerializationError
 
 OUT_OF_BAND_MIN = 64 * 1024  # smaller buffers stay inside the pickle
 # values that pickle exactly as cloudpickle would: plain pickle's C pickler is ~6x faster for

@@ -17,9 +17,9 @@ import uuid
 
 import zmq
 
-from . import address, security
-from . import protocol as P
-from .errors import MasterUnreachable, SecurityError
+from cw import protocol as P
+from cw.conn import address, security
+from cw.errors import MasterUnreachable, SecurityError
 
 
 def status(host: str | None = None, port: int | None = None,

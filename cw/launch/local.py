@@ -27,13 +27,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
-from . import address
-from .launch import (LaunchError, allocated, child_env, log_tail, print_master_status,
-                     wait_until_up, worker_names)
-from .protocol import DEFAULT_PORT
+from cw.conn import address
+from cw.errors import LaunchError
+from cw.launch.common import (
+    allocated,
+    child_env,
+    log_tail,
+    print_master_status,
+    wait_until_up,
+    worker_names,
+)
+from cw.protocol import DEFAULT_PORT
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
-import signal
 import threading
 import time
 import uuid
@@ -35,10 +35,10 @@ from collections.abc import Callable
 import zmq
 from tornado.ioloop import IOLoop, PeriodicCallback
 
-from . import protocol as P
-from . import lane, local, security
-from .errors import MasterUnreachable, NoKeys, ProtocolError, TooLarge
-from .zloop import SocketLoop
+from cw import protocol as P
+from cw.conn import lane, local, security
+from cw.conn.zloop import SocketLoop
+from cw.errors import MasterUnreachable, NoKeys, ProtocolError, TooLarge
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 KEYS_POLL = 0.2  # seconds between looks for a master's connection file

@@ -60,10 +60,10 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 
-from . import protocol as P
-from .errors import ProtocolError, QuotaExceeded, WorkerLost
-from .lane import is_endpoint
-from .serialize import dumps
+from cw import protocol as P
+from cw.conn.lane import is_endpoint
+from cw.errors import ProtocolError, QuotaExceeded, WorkerLost
+from cw.serialize import dumps
 
 log = logging.getLogger(__name__)
 

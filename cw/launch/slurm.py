@@ -30,14 +30,20 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import AbstractContextManager
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 
-from . import address
-from .errors import MasterNotFound, MasterUnreachable
-from .launch import (LaunchError, allocated, log_tail, print_master_status, pythonpath,
-                     wait_until_up, worker_names)
-from .protocol import DEFAULT_PORT
+from cw.conn import address
+from cw.errors import LaunchError, MasterNotFound, MasterUnreachable
+from cw.launch.common import (
+    allocated,
+    log_tail,
+    print_master_status,
+    pythonpath,
+    wait_until_up,
+    worker_names,
+)
+from cw.protocol import DEFAULT_PORT
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
@@ -218,7 +224,7 @@ def _sbatch(name: str, script: str, options: Sequence[str]) -> str:
 
 def _clear_stale_connection_file() -> None:
     """Remove a default.json left by a master that died; refuse if that master answers."""
-    from .status import status
+    from cw.status import status
     path = address.default_connection_file()
     info = address.read_connection_file(path)
     if not info:

@@ -23,25 +23,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
-from .errors import SecurityError
-from .protocol import DEFAULT_PORT
+from cw.errors import SecurityError
+from cw.protocol import DEFAULT_PORT
 
-def _slurm_finder() -> str | None:
-    """The master of this user's running ``cmaster`` SLURM job, if any (no waiting)."""
-    if not shutil.which("squeue"):
-        return None
-    from . import slurm
-    return slurm.master_address()
+Finder = Callable[[], "str | None"]
+
+# finders tried when nothing explicit names the master; a launcher adds its own
+# (cw.launch adds SLURM's), so this module never imports one
+FINDERS: list[Finder] = []
 
 
-# finders tried when nothing explicit names the master
-FINDERS: list[Callable[[], str | None]] = [_slurm_finder]
+def add_finder(finder: Finder) -> None:
+    """Try ``finder()`` (an address or None) when nothing explicit names the master."""
+    if finder not in FINDERS:
+        FINDERS.append(finder)
 
 
 def cw_home() -> Path:
@@ -114,8 +114,10 @@ def parse_address(text: str, port: int | None = None) -> tuple[str, int]:
     return text or "localhost", DEFAULT_PORT if port is None else port
 
 
-def resolve(host: str | None = None, port: int | None = None) -> tuple[str, int]:
-    """Find the master's ``(host, port)`` as the module docstring describes."""
+def resolve(host: str | None = None, port: int | None = None,
+            finders: list[Finder] | None = None) -> tuple[str, int]:
+    """Find the master's ``(host, port)`` as the module docstring describes; ``finders``
+    (default: those added with ``add_finder``) are asked last, in order."""
     if host:
         return parse_address(host, port)
     env = os.environ.get("CW_MASTER")
@@ -124,7 +126,7 @@ def resolve(host: str | None = None, port: int | None = None) -> tuple[str, int]
     info = read_connection_file(default_connection_file())
     if info:
         return info["host"], int(port or info["port"])
-    for finder in FINDERS:
+    for finder in FINDERS if finders is None else finders:
         found = finder()
         if found:
             return parse_address(found, port)

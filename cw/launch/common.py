@@ -1,12 +1,5 @@
-"""Start, stop and allocate a cw cluster with whichever launcher fits this machine.
-
-    cw.launch.start(n)  --sbatch/salloc on PATH?--yes--> cw.slurm.start(n)  (jobs cmaster, cworkers)
-                                                 --no---> cw.mp.start(n)     (local processes)
-
-Both launchers share what lives here: ``LaunchError``, ``allocated``, the PYTHONPATH that
-makes ``python -m cw.*`` work from a clone, and ``wait_until_up``, the bounded
-poll of ``cw.status.status`` that makes ``start`` return only once the master answers and
-the workers have registered::
+"""What the launchers share: the PYTHONPATH children need, log tails, and the bounded
+waits that make ``start`` return only once the master answers and the workers registered::
 
     wait_until_up(host, port, n) --STATUS--> master --{workers: [...]}--> n new workers? done
                                  <-- retry with backoff, fail naming what is missing ----'
@@ -14,50 +7,16 @@ the workers have registered::
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
-import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
-from collections.abc import Callable, Iterator
 
-from .errors import CwError, MasterUnreachable
-
-log = logging.getLogger(__name__)
+from cw.errors import LaunchError, MasterUnreachable
 
 T = TypeVar("T")
-ROOT = Path(__file__).resolve().parent.parent  # the folder holding the cw package
-
-
-class LaunchError(CwError):
-    """A launcher could not bring up (or find) the master or the workers it was asked for."""
-
-
-def slurm_available() -> bool:
-    """True when SLURM's submit commands are on PATH."""
-    return bool(shutil.which("sbatch") or shutil.which("salloc"))
-
-
-def _launcher():
-    from . import mp, slurm  # imported late: both modules import this one
-    return slurm if slurm_available() else mp
-
-
-def start(nworkers: int, master: bool = True, workers: bool = True, **options):
-    """Start a master and ``nworkers`` workers with SLURM if present, else locally."""
-    return _launcher().start(nworkers, master=master, workers=workers, **options)
-
-
-def stop(master: bool = True, workers: bool = True, **options) -> list[str]:
-    """Stop what ``start`` started (SLURM jobs or local processes); return what was stopped."""
-    return _launcher().stop(master=master, workers=workers, **options)
-
-
-def allocate(nworkers: int, master: bool = True, workers: bool = True,
-             **options) -> contextlib.AbstractContextManager:
-    """``with allocate(n):`` a cluster that is stopped when the block ends, even on error."""
-    return _launcher().allocate(nworkers, master=master, workers=workers, **options)
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the cw package
 
 
 @contextlib.contextmanager
@@ -100,7 +59,7 @@ def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
     ``check`` is called between polls and may raise to fail early (e.g. a process died).
     Raises LaunchError naming the master or the missing workers after ``timeout`` seconds.
     """
-    from .status import status  # late: keeps this module importable without zmq
+    from cw.status import status  # late: keeps this module importable without zmq
 
     deadline = time.monotonic() + timeout
     delay, info = 0.05, None
@@ -128,7 +87,7 @@ def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
 
 def worker_names(host: str, port: int) -> frozenset:
     """Names of the workers already registered with the master (none if it is silent)."""
-    from .status import status
+    from cw.status import status
     try:
         return frozenset(w["name"] for w in status(host, port, timeout=2.0)["workers"])
     except MasterUnreachable:
@@ -137,7 +96,7 @@ def worker_names(host: str, port: int) -> frozenset:
 
 def print_master_status(host: str | None, port: int | None = None) -> int:
     """For the launchers' ``status`` commands: print the master's table; 1 if it is silent."""
-    from .status import format_table, status
+    from cw.status import format_table, status
     try:
         print(format_table(status(host, port, timeout=2.0)))
     except MasterUnreachable as exc:

@@ -45,17 +45,23 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from typing import Any
-from collections.abc import Callable, Iterable
 
 import msgpack
 
-from . import address, lane
-from . import protocol as P
-from . import serialize
-from .errors import MasterLost, ProtocolError, RemoteException, RemoteTraceback, SerializationError
-from .peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
+from cw import protocol as P
+from cw import serialize
+from cw.conn import address, lane
+from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
+from cw.errors import (
+    MasterLost,
+    ProtocolError,
+    RemoteException,
+    RemoteTraceback,
+    SerializationError,
+)
 
 log = logging.getLogger(__name__)
 

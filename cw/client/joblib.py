@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
-from collections.abc import Callable
 
 import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
-from .client import ClusterExecutor
-from .status import status
+from cw.client import ClusterExecutor
+from cw.status import status
 
 log = logging.getLogger(__name__)
 

@@ -28,18 +28,14 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
 
-from .errors import CwError
+from cw.errors import DashboardError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .master import Master
+    from cw.master.daemon import Master
 
-from .throughput import HISTORY, SAMPLE_INTERVAL, WINDOW, Throughput  # noqa: F401
+from cw.master.throughput import HISTORY, SAMPLE_INTERVAL, WINDOW, Throughput  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-class DashboardError(CwError):
-    """The dashboard could not start (its port is taken, its address is not local...)."""
-
 
 class DashboardServer(HTTPServer):
     """The dashboard's HTTP server; ``url`` is its address (the master samples throughput)."""

@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import as_completed as futures_as_completed
 from typing import IO
-from collections.abc import Iterable, Iterator
 
 log = logging.getLogger(__name__)
 

@@ -27,24 +27,25 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from collections.abc import Callable
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop, PeriodicCallback
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
 
-from . import address, cli, local, security
-from . import protocol as P
-from .errors import CwError, ProtocolError
-from .scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker, died_entry
-from .throughput import SAMPLE_INTERVAL, Throughput
-from .zloop import SocketLoop
+from cw import cli
+from cw import protocol as P
+from cw.conn import address, local, security
+from cw.conn.zloop import SocketLoop
+from cw.errors import CwError, ProtocolError
+from cw.master.scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker, died_entry
+from cw.master.throughput import SAMPLE_INTERVAL, Throughput
 
-log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
+log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_INTERVAL = 1.0
 DEFAULT_HEARTBEAT_TIMEOUT = 10.0
@@ -272,7 +273,7 @@ class Master:
                  f" and {self.local_endpoint}" if self.local_endpoint else "")
         try:
             if self.dashboard_port is not None:
-                from .dashboard import start_dashboard
+                from cw.master.dashboard import start_dashboard
                 self.dashboard = start_dashboard(self, self.dashboard_port, self.dashboard_host)
             if ready is not None:
                 ready(f"tcp://{self.address}")
@@ -533,6 +534,3 @@ def main(argv: list[str] | None = None) -> None:
     except CwError as exc:
         raise SystemExit(f"cw-master: {exc}") from None
 
-
-if __name__ == "__main__":
-    main()

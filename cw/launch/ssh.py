@@ -31,25 +31,22 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from . import address, cli
-from .errors import CwError, MasterUnreachable
-from .status import status as master_status
+from cw import cli
+from cw.conn import address
+from cw.errors import MasterUnreachable, SshError
+from cw.status import status as master_status
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
 SSH_DEFAULTS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
 SSH_TIMEOUT = 60.0      # seconds one ssh command may take, on top of any remote wait
 STOP_TIMEOUT = 20.0     # seconds a supervisor gets to stop its workers before SIGKILL
-
-
-class SshError(CwError):
-    """An ssh command failed, or a remote host could not start or stop workers."""
 
 
 @dataclass

@@ -36,8 +36,9 @@ from typing import Any, NamedTuple, TypeGuard
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from . import address, cli, local
-from .errors import NoKeys, SecurityError
+from cw import cli
+from cw.conn import address, local
+from cw.errors import NoKeys, SecurityError
 
 ROLE_KEYS = {"client": ("client_public", "client_secret"),
              "worker": ("worker_public", "worker_secret")}

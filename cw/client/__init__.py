@@ -14,19 +14,19 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections import deque
 import threading
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import wait as wait_futures
 from functools import partial
 from typing import Any
-from collections.abc import Callable, Iterable, Iterator
 
-from .errors import RemoteException, SerializationError
-from .peer import DEFAULT_CONNECT_TIMEOUT
-from .scheduler import DEFAULT_MAX_RETRIES
-from .session import DEFAULT_MASTER_TIMEOUT, Session
+from cw.client.session import DEFAULT_MASTER_TIMEOUT, Session
+from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT
+from cw.errors import RemoteException, SerializationError
+from cw.master.scheduler import DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class ClusterExecutor(Executor):
             raise ValueError("chunksize must be >= 1.")
         bar = None
         if progress:
-            from .progress import map_bar
+            from cw.client.progress import map_bar
             bar = map_bar(progress, iterables, chunksize)
         if chunksize == 1:
             return self._map(fn, zip(*iterables), timeout, opts, bar=bar)

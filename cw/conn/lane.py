@@ -47,8 +47,9 @@ import uuid
 from collections.abc import Callable
 from typing import cast
 
-from . import cli, local
-from .errors import ProtocolError
+from cw import cli
+from cw.conn import local
+from cw.errors import ProtocolError
 
 log = logging.getLogger(__name__)
 

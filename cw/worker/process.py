@@ -45,14 +45,13 @@ import cloudpickle
 import msgpack
 from tornado.ioloop import PeriodicCallback
 
-from . import address, cli, lane
-from . import protocol as P
-from . import serialize
-from .errors import (CwError, JobTimeout, MasterUnreachable, NoKeys, ProtocolError,
-                     SecurityError)
-from .peer import Alias, Connection, check_size, peer_info
+from cw import cli, serialize
+from cw import protocol as P
+from cw.conn import address, lane
+from cw.conn.peer import Alias, Connection, check_size, peer_info
+from cw.errors import CwError, JobTimeout, MasterUnreachable, NoKeys, ProtocolError, SecurityError
 
-log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
+log = logging.getLogger(__name__)
 
 RESULT_TIMEOUT = 30.0      # seconds a lane result may wait for its client to read it
 LANE_RESULT_MAX = 64 << 10  # larger lane results go through the master (they never block us)
@@ -789,7 +788,7 @@ def main(argv: list[str] | None = None) -> None:
         run_child(args)
         sys.exit(0)
     if args.slurm and not args.host:
-        from . import slurm
+        from cw.launch import slurm
         args.host, args.port = slurm.find_master(args.connect_timeout or 300.0)
     try:
         supervisor = Supervisor(child_argv(args), max(1, args.processes), args.host,
@@ -798,6 +797,3 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"cw-worker: {exc}")
     sys.exit(supervisor.run())
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,4 @@
+"""``python -m cw.master``."""
+from cw.master.daemon import main
+
+main()

@@ -1,0 +1,4 @@
+"""``python -m cw.worker``."""
+from cw.worker.process import main
+
+main()
