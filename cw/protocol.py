@@ -48,10 +48,10 @@ from typing import Any
 
 import msgpack
 
+from cw.defaults import DEFAULT_PORT  # noqa: F401  (named here too)
 from cw.errors import ProtocolError
 
 VERSION = 1
-DEFAULT_PORT = 5494
 
 # message kinds (first header item)
 HELLO = 1        # peer -> master: [HELLO, version, role, info]
@@ -174,7 +174,69 @@ def check_hello_info(info: dict) -> None:
         raise ProtocolError("HELLO fields 'slots' must be >= 1 and 'pid' a process id")
 
 
+def check_hello(version: Any, role: Any, info: dict, key_role: str | None,
+                key_roles: dict[str, str]) -> None:
+    """Raise ProtocolError unless a HELLO may register: our version, a peer role, a key of
+    that role (``key_roles``: which key a role holds; None: no key, e.g. the local socket),
+    and sane info fields."""
+    check_version(version)
+    if role not in ("client", "worker", "supervisor"):
+        raise ProtocolError(f"unknown role {role!r}")
+    if key_role is not None and key_role != key_roles.get(role, role):
+        raise ProtocolError(f"a {key_role} key cannot register as a {role}")
+    check_hello_info(info)
+
+
 def check_version(version: Any) -> None:
     """Raise ProtocolError if a peer's protocol version is not ours."""
     if version != VERSION:
         raise ProtocolError(f"protocol version {version!r} does not match ours ({VERSION})")
+
+
+# ---------------------------------------------------------------- entries: one parse each
+def parse_died(pid, code, lived) -> None:
+    """Check a DIED's fields; raise ProtocolError if they are not a pid, code, lifetime."""
+    if not isinstance(pid, int) or not isinstance(code, int) or not -128 <= code <= 255 \
+            or not isinstance(lived, (int, float)) or not lived >= 0:
+        raise ProtocolError("DIED needs a pid, an exit code and a lifetime")
+
+
+def parse_digest(value) -> bytes:
+    """A function digest: 16 bytes."""
+    if not isinstance(value, bytes) or len(value) != 16:
+        raise ProtocolError("function digest must be 16 bytes")
+    return value
+
+
+def parse_key(entry) -> tuple[int, int]:
+    """A job's ``(cid, seq)`` from a ``[cid, seq]`` entry."""
+    cid, seq = entry
+    return cid, seq
+
+
+def parse_job(entry) -> tuple[int, bytes, int, dict | None]:
+    """A SUBMIT job entry, checked: ``(seq, digest, nframes, opts)``."""
+    if not isinstance(entry, list) or len(entry) != 4:
+        raise ProtocolError("job entry must be [seq, digest, nframes, opts]")
+    seq, digest, n, opts = entry
+    if not isinstance(seq, int) or not isinstance(n, int) or n < 1:
+        raise ProtocolError("job entry has a bad seq or frame count")
+    if opts is not None:
+        if not isinstance(opts, dict):
+            raise ProtocolError("job options must be a map")
+        retries, timeout = opts.get("max_retries", 1), opts.get("timeout", 1)
+        losses = opts.get("losses", [])
+        if not isinstance(retries, int) or retries < 1 or \
+                not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ProtocolError("job options need max_retries >= 1 and timeout > 0")
+        if not isinstance(losses, list) or not all(isinstance(x, str) for x in losses):
+            raise ProtocolError("job option losses must be a list of strings")
+    return seq, parse_digest(digest), n, opts
+
+
+def parse_done(entry) -> tuple[int, int, int, int]:
+    """A RESULTS done entry, checked: ``(cid, seq, status, nframes)``."""
+    if not isinstance(entry, list) or len(entry) != 4 or not all(isinstance(x, int) for x in entry):
+        raise ProtocolError("done entry must be [cid, seq, status, nframes]")
+    cid, seq, status, n = entry
+    return cid, seq, status, n

@@ -38,14 +38,14 @@ class Rig:
         return answer
 
     # ---- peers
-    def client(self, name: str, **info) -> S.Client:
+    def client(self, name: str, **info) -> S.ClientRecord:
         return self.state.hello(name.encode(), "client", {"name": name, **info}, self.now)
 
-    def worker(self, name: str, slots: int = 64, **info) -> S.Worker:
+    def worker(self, name: str, slots: int = 64, **info) -> S.WorkerRecord:
         return self.state.hello(name.encode(), "worker",
                                 {"name": name, "slots": slots, **info}, self.now)
 
-    def submit(self, client: S.Client, n: int = 1, digest: bytes = F, opts=None,
+    def submit(self, client: S.ClientRecord, n: int = 1, digest: bytes = F, opts=None,
                arg: bytes = b"args", fn_sent: bool = True) -> list[int]:
         """``n`` jobs as one SUBMIT; the function goes along the first time (like Session)."""
         first = self._seq.setdefault(client.ident, 1)
@@ -56,7 +56,7 @@ class Rig:
         self.state.submit(client, fns, [[s, digest, 1, opts] for s in seqs], frames)
         return seqs
 
-    def done(self, worker: S.Worker, seqs, client: S.Client, status: int = P.OK,
+    def done(self, worker: S.WorkerRecord, seqs, client: S.ClientRecord, status: int = P.OK,
              started=(), busy: float = -1.0, lane=(), payload=None) -> None:
         """A worker's RESULTS: ``seqs`` of ``client`` done (one frame each)."""
         frames = [payload if payload is not None else b"r%d" % s for s in seqs]
@@ -64,10 +64,10 @@ class Rig:
                            [[client.cid, s, status, 1] for s in seqs], frames, self.now,
                            busy, [[client.cid, s] for s in lane])
 
-    def start(self, worker: S.Worker, seqs, client: S.Client) -> None:
+    def start(self, worker: S.WorkerRecord, seqs, client: S.ClientRecord) -> None:
         self.state.results(worker, [[client.cid, s] for s in seqs], [], [], self.now)
 
-    def fast(self, worker: S.Worker, client: S.Client) -> None:
+    def fast(self, worker: S.WorkerRecord, client: S.ClientRecord) -> None:
         """Teach ``worker`` that jobs are short: run two of them now (it then holds more)."""
         seqs = self.submit(client, 2)
         self.flush()
@@ -87,11 +87,11 @@ class Rig:
         self.sent = [m for m in self.sent if m not in hits]
         return hits
 
-    def jobs_to(self, worker: S.Worker) -> list[int]:
+    def jobs_to(self, worker: S.WorkerRecord) -> list[int]:
         """Seqs sent to ``worker`` in JOBS messages since the last take."""
         return [e[1] for _, h, _ in self.take(P.JOBS, worker) for e in h[3]]
 
-    def outcomes(self, client: S.Client) -> dict[int, tuple[int, list]]:
+    def outcomes(self, client: S.ClientRecord) -> dict[int, tuple[int, list]]:
         """seq -> (status, payload) of every RESULTS done entry sent to ``client``."""
         out = {}
         for _, header, frames in self.take(P.RESULTS, client):
@@ -103,7 +103,7 @@ class Rig:
         return out
 
 
-def one_worker(jobs: int) -> tuple[Rig, S.Worker, S.Client]:
+def one_worker(jobs: int) -> tuple[Rig, S.WorkerRecord, S.ClientRecord]:
     """A rig with one worker ("w") and one client ("c") whose ``jobs`` were dispatched."""
     rig = Rig()
     w, c = rig.worker("w"), rig.client("c")

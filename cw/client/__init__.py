@@ -25,12 +25,12 @@ from typing import Any
 
 from cw.client.session import DEFAULT_MASTER_TIMEOUT, Session
 from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT
+from cw.defaults import DEFAULT_MAP_WINDOW
 from cw.errors import RemoteException, SerializationError
 from cw.master.scheduler import DEFAULT_MAX_RETRIES
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAP_WINDOW = 20_000  # jobs of one map() in flight at once
 
 
 class CwFuture(Future):

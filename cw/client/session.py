@@ -55,6 +55,7 @@ from cw import protocol as P
 from cw import serialize
 from cw.conn import address, lane
 from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
+from cw.defaults import DEFAULT_MASTER_TIMEOUT
 from cw.errors import (
     MasterLost,
     ProtocolError,
@@ -65,7 +66,6 @@ from cw.errors import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MASTER_TIMEOUT = 120.0  # seconds a client waits for a silent master to come back
 FUNCTION_CACHE = 512
 DIGESTS_KEPT = 10_000          # digests remembered as sent; beyond, forgotten (sent again)
 LANE_TIMEOUT = 5.0             # seconds a lone job may wait to enter a worker's lane

@@ -38,9 +38,9 @@ from tornado.ioloop import IOLoop, PeriodicCallback
 from cw import protocol as P
 from cw.conn import lane, local, security
 from cw.conn.zloop import SocketLoop
+from cw.defaults import DEFAULT_CONNECT_TIMEOUT
 from cw.errors import MasterUnreachable, NoKeys, ProtocolError, TooLarge
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
 KEYS_POLL = 0.2  # seconds between looks for a master's connection file
 LOCAL_RECONNECT_MS = 30_000  # zmq's own reconnect on the local socket (we redial first)
 

@@ -29,6 +29,7 @@ experiments on loopback, with a warning.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 import socket
 from collections.abc import Mapping
 from typing import Any, NamedTuple, TypeGuard
@@ -48,6 +49,8 @@ PEER_FIELDS = {role: ("server_public", *pair) for role, pair in ROLE_KEYS.items(
 FOLDERS = {"client": "masters", "worker": "workers"}
 KEY_ROLE = {"supervisor": "worker"}  # roles that hold another role's keys (a node's
 #                                      supervisor reports its workers' deaths)
+
+log = logging.getLogger(__name__)
 
 
 def new_keys() -> dict:
@@ -165,7 +168,7 @@ def route_for(host: str, port: int, allow_local: bool = True, role: str = "clien
     if keys is None and not insecure:
         raise _no_keys(host, port, role, info)
     if keys is None:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "talking to %s:%d over plain TCP without keys (insecure): any local user "
             "listening there could run code as you", host, port)
     return Route(f"tcp://{host}:{port}", keys, info is not None)
@@ -267,3 +270,27 @@ def _addresses(host: str) -> set[str]:
 def _is_local(host: str) -> bool:
     return host in ("localhost", socket.gethostname()) or any(
         a.startswith("127.") or a == "::1" for a in _addresses(host))
+
+
+def write_master_files(info: dict, keys: dict | None, extra: str | None = None) -> list[Path]:
+    """A master's connection files, one per role (see cw.conn.address): clients never see
+    its secret key nor the workers' keys. ``extra``: one more client file (a launcher's).
+    Returns the files written; one that cannot be written is logged and skipped."""
+    host, port = info["host"], info["port"]
+    keys = keys or {}
+    client = {**info, **(peer_keys(keys, "client") if keys else {})}
+    files = [(address.master_connection_file(host, port), client),
+             (address.master_connection_file(host, port, "workers"),
+              {**info, **(peer_keys(keys, "worker") if keys else {})})]
+    if keys:
+        files.append((address.master_connection_file(host, port, "secrets"), {**info, **keys}))
+    if extra:
+        files.append((Path(extra).expanduser(), client))
+    written = []
+    for path, content in files:
+        try:
+            written.append(address.write_connection_file(path, content))
+        except OSError as exc:
+            log.warning("cannot write connection file %s: %s", path, exc)
+    return written
+

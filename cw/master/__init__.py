@@ -7,6 +7,7 @@
     view.py        the status snapshot
     dashboard.py   the read-only web page; throughput.py its jobs-per-second samples
 """
-from cw.master.daemon import Master, main, parse_args
+from cw.master.daemon import Master
+from cw.master.options import main, parse_args
 
 __all__ = ["Master", "main", "parse_args"]

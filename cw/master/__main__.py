@@ -1,4 +1,4 @@
 """``python -m cw.master``."""
-from cw.master.daemon import main
+from cw.master.options import main
 
 main()

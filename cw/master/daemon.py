@@ -20,12 +20,10 @@ supervisor says how a worker process died (DIED) before that, for WorkerLost to 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from functools import partial
@@ -41,25 +39,23 @@ from cw import cli
 from cw import protocol as P
 from cw.conn import address, local, security
 from cw.conn.zloop import SocketLoop
-from cw.errors import CwError, ProtocolError
-from cw.master.scheduler import MAX_FUNCTION_BYTES, Client, Scheduler, Worker, died_entry
+from cw.defaults import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+)
+from cw.errors import ProtocolError
+from cw.master.peers import MAX_FUNCTION_BYTES
+from cw.master.records import ClientRecord, WorkerRecord
+from cw.master.connections import Connections, router
+from cw.master.scheduler import Scheduler
 from cw.master.throughput import SAMPLE_INTERVAL, Throughput
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_INTERVAL = 1.0
-DEFAULT_HEARTBEAT_TIMEOUT = 10.0
-DEFAULT_MAX_MESSAGE_SIZE = 1 << 30
-CLOSE_GRACE = 0.5          # seconds a peer whose connection closed has to reconnect (zmq
-#                            redials within 0.1 s) before it is gone: a killed client's jobs
-WORKER_CLOSE_GRACE = 2.0   # the same for a worker: its supervisor's DIED, naming how it
-#                            ended, normally comes first
 DIED_SETTLE = 0.1          # seconds a DIED waits for the dead worker's last messages, which
 #                            came on other connections and may still be queued here
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds a connection may take to say who it is
-SNDHWM = 64    # messages queued to one peer; then sends say EAGAIN (ROUTER_MANDATORY) and
-               # the scheduler keeps what it could not send (back-pressure, no drops)
-RCVHWM = 256   # messages read ahead from one peer; then zmq stops reading its connection
 
 
 class Master:
@@ -87,15 +83,12 @@ class Master:
         self.local_sock: zmq.Socket | None = None
         self.local_check: local.PeerCheck | None = None
         self.routes: dict[bytes, zmq.Socket] = {}  # peer -> the socket it registered on
-        self.monitors: list[tuple[zmq.Socket, Callable]] = []  # each ROUTER's connection
-        #                                         events, and what handles them
-        self.fd_of: dict[bytes, int] = {}           # peer -> its connection's descriptor
-        self.peer_at: dict[int, bytes] = {}         # ... and back
-        self.unbound: set[bytes] = set()            # reconnected: descriptor not known yet
         self.keys: dict | None = None
         self.auth: ThreadAuthenticator | None = None
-        self.state = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
+        self.scheduler = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
                                max_function_bytes=max_function_bytes)
+        self.conns = Connections(self.scheduler, self._send, self._changed)
+        self.monitors = self.conns.monitors  # each ROUTER's connection events, and handlers
         self.ctx = zmq.Context()
         self.sock: zmq.Socket | None = None
         self.loop: IOLoop | None = None
@@ -132,13 +125,7 @@ class Master:
         return f"tcp://{self.address}"
 
     def _router(self) -> zmq.Socket:
-        sock = self.ctx.socket(zmq.ROUTER)
-        for opt, value in ((zmq.ROUTER_MANDATORY, 1), (zmq.ROUTER_HANDOVER, 1),
-                           (zmq.SNDHWM, SNDHWM), (zmq.RCVHWM, RCVHWM), (zmq.LINGER, 0),
-                           (zmq.MAXMSGSIZE, self.max_message_size),
-                           (zmq.HANDSHAKE_IVL, int(self.handshake_timeout * 1000))):
-            sock.setsockopt(opt, value)
-        return sock
+        return router(self.ctx, self.max_message_size, self.handshake_timeout)
 
     def _bind_local(self) -> None:
         """The same-machine socket (see cw.local): no keys, its directory is private."""
@@ -162,7 +149,7 @@ class Master:
         closed may be a peer gone."""
         event = parse_monitor_message([f.bytes for f in frames])
         if event["event"] == zmq.EVENT_DISCONNECTED:
-            return self._closed(int(event["value"]))
+            return self.conns.closed(int(event["value"]))
         assert self.local_check is not None  # it watches the local socket
         uid = self.local_check.stranger(frames, shut=True)
         if uid is not None:
@@ -187,60 +174,18 @@ class Master:
     def _on_monitor(self, frames: list) -> None:
         event = parse_monitor_message([f.bytes for f in frames])
         if event["event"] == zmq.EVENT_DISCONNECTED:
-            self._closed(int(event["value"]))
+            self.conns.closed(int(event["value"]))
         else:
             self.refusals.warning("%s", security.describe_event(event))
 
-    def _drain_monitors(self) -> None:
-        """Handle every connection event already reported (before binding a descriptor to a
-        peer: the close of the descriptor's previous owner must not count for the new one)."""
-        for monitor, handle in self.monitors:
-            while True:
-                try:
-                    frames = monitor.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                handle(frames)
-
-    def _bind_fd(self, ident: bytes, frame: zmq.Frame) -> None:
-        """Learn which connection a peer talks on, from a message it sent on it."""
-        self._drain_monitors()
-        self.unbound.discard(ident)
-        old = self.fd_of.pop(ident, None)
-        if old is not None and self.peer_at.get(old) == ident:
-            del self.peer_at[old]
-        fd = frame.get(zmq.SRCFD)
-        self.fd_of[ident], self.peer_at[fd] = fd, ident
-
-    def _closed(self, fd: int) -> None:
-        """A connection closed: if a peer talked on it, it is gone unless it reconnects."""
-        ident = self.peer_at.pop(fd, None)
-        if ident is None or self.fd_of.get(ident) != fd:
-            return
-        del self.fd_of[ident]
-        grace = WORKER_CLOSE_GRACE if ident in self.state.workers else CLOSE_GRACE
-        assert self.loop is not None  # run() set it: only its loop calls us
-        self.loop.call_later(grace, self._closed_for_good, ident)
-
-    def _closed_for_good(self, ident: bytes) -> None:
-        state = self.state
-        if state.peer(ident) is None or ident in self.fd_of:
-            return  # gone already (DIED, BYE), or registered again on a new connection
-        if self._send(ident, [P.pack(P.HEARTBEAT, len(state.workers))]) is not False:
-            log.info("%s reconnected after its connection closed", self._name(ident))
-            self.unbound.add(ident)  # its next message tells the new descriptor
-            return
-        state.peer_gone(ident, "its connection closed")
-        self._changed()
-
     def _died(self, supervisor, pid: int, code: int, lived: float) -> None:
-        if supervisor.ident in self.state.supervisors:
-            self.state.died(supervisor, pid, code, lived)
+        if supervisor.ident in self.scheduler.supervisors:
+            self.scheduler.died(supervisor, pid, code, lived)
             self._changed()
 
     def _changed(self) -> None:
         """After a change outside a message batch: flush, then look for messages again."""
-        self.state.flush()
+        self.scheduler.flush()
         for reader in self.readers:
             reader.kick()
 
@@ -260,7 +205,7 @@ class Master:
             except (ValueError, RuntimeError):  # not the main thread
                 pass
         self.readers = [SocketLoop(self.loop, sock, partial(self.on_message, sock=sock),
-                                   self.state.flush)
+                                   self.scheduler.flush)
                         for sock in (self.sock, self.local_sock) if sock is not None]
         self.monitor_readers = [SocketLoop(self.loop, monitor, handle, lambda: None)
                                 for monitor, handle in self.monitors]
@@ -269,7 +214,7 @@ class Master:
         self.sample()
         sampler = PeriodicCallback(self.sample, SAMPLE_INTERVAL * 1000)
         sampler.start()
-        log.info("master %s listening on tcp://%s%s", self.state.master_id[:8], self.address,
+        log.info("master %s listening on tcp://%s%s", self.scheduler.master_id[:8], self.address,
                  f" and {self.local_endpoint}" if self.local_endpoint else "")
         try:
             if self.dashboard_port is not None:
@@ -295,7 +240,7 @@ class Master:
     def close(self) -> None:
         for path in self.files:
             info = address.read_connection_file(path)
-            if info and info.get("master_id") == self.state.master_id:
+            if info and info.get("master_id") == self.scheduler.master_id:
                 path.unlink(missing_ok=True)
         if self.sock is not None:
             for reader in [*self.readers, *getattr(self, "monitor_readers", ())]:
@@ -312,32 +257,16 @@ class Master:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-        log.info("master stopped after routing %d results", self.state.routed)
+        log.info("master stopped after routing %d results", self.scheduler.routed)
 
     def _write_connection_files(self) -> None:
-        """One file per role (see cw.address): clients never see the master's secret key
-        nor the workers' keys."""
-        host = self.address.rsplit(":", 1)[0]
-        info = {"host": host, "port": self.port, "pid": os.getpid(),
-                "master_id": self.state.master_id, "started": time.time(),
+        """One file per role (cw.conn.security.write_master_files)."""
+        info = {"host": self.address.rsplit(":", 1)[0], "port": self.port, "pid": os.getpid(),
+                "master_id": self.scheduler.master_id, "started": time.time(),
                 "insecure": self.insecure}
         if self.local_endpoint:
             info["local"] = {"endpoint": self.local_endpoint, "machine": local.machine_id()}
-        keys = self.keys or {}
-        client = {**info, **(security.peer_keys(keys, "client") if keys else {})}
-        files = [(address.master_connection_file(host, self.port), client),
-                 (address.master_connection_file(host, self.port, "workers"),
-                  {**info, **(security.peer_keys(keys, "worker") if keys else {})})]
-        if keys:
-            files.append((address.master_connection_file(host, self.port, "secrets"),
-                          {**info, **keys}))
-        if self.extra_connection_file:
-            files.append((Path(self.extra_connection_file).expanduser(), client))
-        for path, content in files:
-            try:
-                self.files.append(address.write_connection_file(path, content))
-            except OSError as exc:
-                log.warning("cannot write connection file %s: %s", path, exc)
+        self.files += security.write_master_files(info, self.keys, self.extra_connection_file)
 
     # ---------------------------------------------------------------- traffic
     def _send(self, ident: bytes, frames: list,
@@ -357,31 +286,27 @@ class Master:
 
     def sample(self) -> None:
         """Record the routed count for the throughput figures."""
-        state = self.state
-        self.throughput.add(time.time(), time.monotonic(), state.routed, state.queued)
+        sched = self.scheduler
+        self.throughput.add(time.time(), time.monotonic(), sched.routed, sched.queued)
 
     def status(self) -> dict:
         """The state snapshot a status request gets: ``Scheduler.status`` plus throughput."""
         mono = time.monotonic()
-        info = self.state.status(mono)
+        info = self.scheduler.status(mono)
         info["time"] = time.time()
         info["throughput_last_minute"] = round(self.throughput.rate(mono, info["routed"]), 3)
         return info
 
     def tick(self) -> None:
         """Heartbeat every peer, drop the silent ones, flush what that changed."""
-        state = self.state
-        state.tick(time.monotonic())
-        beat = P.pack(P.HEARTBEAT, len(state.workers))
-        for ident in [*state.workers, *state.clients, *state.supervisors]:
+        sched = self.scheduler
+        sched.tick(time.monotonic())
+        beat = P.pack(P.HEARTBEAT, len(sched.workers))
+        for ident in [*sched.workers, *sched.clients, *sched.supervisors]:
             self._send(ident, [beat])
-        for ident in [i for i in self.routes if state.peer(i) is None]:
+        for ident in [i for i in self.routes if sched.peer(i) is None]:
             del self.routes[ident]
-        for ident in [i for i in self.fd_of if state.peer(i) is None]:
-            fd = self.fd_of.pop(ident)
-            if self.peer_at.get(fd) == ident:
-                del self.peer_at[fd]
-        self.unbound = {i for i in self.unbound if state.peer(i) is not None}
+        self.conns.forget_gone()
         self._changed()
 
     def on_message(self, frames: list, sock: zmq.Socket) -> None:
@@ -398,14 +323,14 @@ class Master:
     def _handle(self, ident: bytes, header: list, frames: list, sock: zmq.Socket,
                 head: zmq.Frame) -> None:
         kind = header[0]
-        state = self.state
+        sched = self.scheduler
         if kind == P.HELLO:
             return self._hello(ident, header, sock, head,
                                security.role_of(head, self.keys) if sock is self.sock else None)
         if kind == P.STATUS:
             self._send(ident, [P.pack(P.STATUS_REPLY, self.status())], sock)
             return
-        peer = state.peer(ident)
+        peer = sched.peer(ident)
         if peer is None:
             # an unknown alias (send-only) is never answered: its peer's main socket
             # heartbeats, gets the WHO there, and re-registers
@@ -414,30 +339,30 @@ class Master:
             return
         now = time.monotonic()
         peer.last_seen = now
-        if self.unbound and ident in self.unbound:
-            self._bind_fd(ident, head)
+        if self.conns.unbound and ident in self.conns.unbound:
+            self.conns.bind(ident, head)
             log.info("%s talks on its new connection", peer.name)
         if kind == P.HEARTBEAT:
             return
         if kind == P.BYE:
-            return state.peer_gone(peer.ident, "said goodbye", graceful=True)
-        if isinstance(peer, Client) and kind == P.SUBMIT:
-            return state.submit(peer, header[1], header[2], frames)
-        if isinstance(peer, Client) and kind == P.CANCEL:
-            return state.cancel(peer, header[1], bool(header[2:3] and header[2]))
-        if isinstance(peer, Worker) and kind == P.RESULTS:
-            return state.results(peer, header[1], header[2], frames, now, *header[3:5])
-        if isinstance(peer, Worker) and kind == P.LANE_BUSY:
-            return state.lane_busy(peer, header[1], header[2])
-        if isinstance(peer, Worker) and kind == P.LANE_REFUSED:
-            return state.lane_refused(peer, header[1])
-        if isinstance(peer, Worker) and kind == P.LANE_RESULT:
-            return state.lane_result(peer, header[1], header[2], header[3], header[4], frames)
-        if isinstance(peer, Worker) and kind == P.CANCELLED:
-            return state.cancelled(peer, header[1])
-        if kind == P.DIED and peer.ident in state.supervisors:
+            return sched.peer_gone(peer.ident, "said goodbye", graceful=True)
+        if isinstance(peer, ClientRecord) and kind == P.SUBMIT:
+            return sched.submit(peer, header[1], header[2], frames)
+        if isinstance(peer, ClientRecord) and kind == P.CANCEL:
+            return sched.cancel(peer, header[1], bool(header[2:3] and header[2]))
+        if isinstance(peer, WorkerRecord) and kind == P.RESULTS:
+            return sched.results(peer, header[1], header[2], frames, now, *header[3:5])
+        if isinstance(peer, WorkerRecord) and kind == P.LANE_BUSY:
+            return sched.lane_busy(peer, header[1], header[2])
+        if isinstance(peer, WorkerRecord) and kind == P.LANE_REFUSED:
+            return sched.lane_refused(peer, header[1])
+        if isinstance(peer, WorkerRecord) and kind == P.LANE_RESULT:
+            return sched.lane_result(peer, header[1], header[2], header[3], header[4], frames)
+        if isinstance(peer, WorkerRecord) and kind == P.CANCELLED:
+            return sched.cancelled(peer, header[1])
+        if kind == P.DIED and peer.ident in sched.supervisors:
             _, pid, code, lived = header
-            died_entry(pid, code, lived)
+            P.parse_died(pid, code, lived)
             assert self.loop is not None  # run() set it: only its loop calls us
             self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
             return
@@ -453,84 +378,19 @@ class Master:
             raise ProtocolError("HELLO must be [HELLO, version, role, info]")
         _, version, role, info = header
         try:
-            P.check_version(version)
-            if role not in ("client", "worker", "supervisor"):
-                raise ProtocolError(f"unknown role {role!r}")
-            if key_role is not None and key_role != security.KEY_ROLE.get(role, role):
-                raise ProtocolError(f"a {key_role} key cannot register as a {role}")
-            P.check_hello_info(info)
+            P.check_hello(version, role, info, key_role, security.KEY_ROLE)
         except ProtocolError as exc:
             log.warning("refused %s %s from %s: %s", str(role)[:32], str(info.get("name"))[:64],
                         str(info.get("host"))[:64], exc)
             self._send(ident, [P.pack(P.REFUSE, str(exc))], sock)
             return
         self.routes[ident] = sock
-        self.state.hello(ident, role, info, time.monotonic())
+        self.scheduler.hello(ident, role, info, time.monotonic())
         if not P.is_alias(ident):  # an alias's close is not its peer's
-            self._bind_fd(ident, head)
-        self._send(ident, [P.pack(P.WELCOME, P.VERSION, self.state.master_id,
-                                  {**self.welcome_info, "workers": len(self.state.workers)})])
+            self.conns.bind(ident, head)
+        self._send(ident, [P.pack(P.WELCOME, P.VERSION, self.scheduler.master_id,
+                                  {**self.welcome_info, "workers": len(self.scheduler.workers)})])
 
     def _name(self, ident: bytes) -> str:
-        peer = self.state.peer(ident)
+        peer = self.scheduler.peer(ident)
         return peer.name if peer else f"unknown peer {ident.hex()[:8]}"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cw-master", description=(
-        "Route jobs FIFO from cw clients to idle cw workers and results back."))
-    cli.add_flag(parser, "--host", default="*",
-                 help="address to bind (all interfaces by default)")
-    cli.add_flag(parser, "--port", default=P.DEFAULT_PORT, cast=int,
-                 help="port to listen on; 0 picks a free one")
-    cli.add_flag(parser, "--connection-file", default=None,
-                 help="also record the master's address in this file "
-                      "(one per master is always kept under $CW_HOME/masters, "
-                      "CW_HOME defaulting to ~/.cw)")
-    cli.add_flag(parser, "--heartbeat-interval", default=DEFAULT_HEARTBEAT_INTERVAL,
-                 cast=float, help="seconds between heartbeats to and from peers")
-    cli.add_flag(parser, "--heartbeat-timeout", default=DEFAULT_HEARTBEAT_TIMEOUT,
-                 cast=float, help="seconds of silence after which a peer is dropped and a "
-                                  "worker's running job re-queued")
-    cli.add_flag(parser, "--max-message-size", default=DEFAULT_MAX_MESSAGE_SIZE, cast=int,
-                 help="largest message frame accepted, in bytes; a peer sending more is "
-                      "disconnected")
-    cli.add_flag(parser, "--handshake-timeout", default=DEFAULT_HANDSHAKE_TIMEOUT, cast=float,
-                 help="seconds a new connection gets to complete its CurveZMQ handshake "
-                      "before it is closed (idle strangers cannot hold descriptors)")
-    cli.add_flag(parser, "--max-function-bytes", default=MAX_FUNCTION_BYTES, cast=int,
-                 help="bytes of pickled functions the master keeps per client; jobs of "
-                      "functions past it fail with QuotaExceeded")
-    cli.add_flag(parser, "--insecure", default=False, action="store_true",
-                 help="plain TCP without CurveZMQ keys, for experiments; only with a "
-                      "loopback --host")
-    cli.add_flag(parser, "--no-local-socket", default=False, action="store_true",
-                 help="do not offer peers on this machine a private Unix socket (they then "
-                      "use TCP with CurveZMQ like everyone else)")
-    cli.add_flag(parser, "--dashboard", default=None, cast=int, metavar="PORT",
-                 help="serve a read-only web dashboard on this port (0: any free port, "
-                      "logged at start); off unless given")
-    cli.add_flag(parser, "--dashboard-host", default="127.0.0.1",
-                 help="address the dashboard binds; it has no authentication, so keep it "
-                      "local and tunnel with ssh -L")
-    cli.add_logging_flags(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    cli.tune_malloc()
-    cli.raise_fd_limit()
-    cli.setup_logging(args.log_level, args.log_file, f"{socket.gethostname()}:{os.getpid()}")
-    master = Master(args.host, args.port, args.heartbeat_interval, args.heartbeat_timeout,
-                    args.connection_file, args.max_message_size, args.insecure,
-                    local_socket=not args.no_local_socket,
-                    dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
-                    handshake_timeout=args.handshake_timeout,
-                    max_function_bytes=args.max_function_bytes)
-    master.bind()
-    try:
-        master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
-    except CwError as exc:
-        raise SystemExit(f"cw-master: {exc}") from None
-

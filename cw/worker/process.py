@@ -49,13 +49,13 @@ from cw import cli, serialize
 from cw import protocol as P
 from cw.conn import address, lane
 from cw.conn.peer import Alias, Connection, check_size, peer_info
+from cw.defaults import DEFAULT_SLOTS
 from cw.errors import CwError, JobTimeout, MasterUnreachable, NoKeys, ProtocolError, SecurityError
 
 log = logging.getLogger(__name__)
 
 RESULT_TIMEOUT = 30.0      # seconds a lane result may wait for its client to read it
 LANE_RESULT_MAX = 64 << 10  # larger lane results go through the master (they never block us)
-DEFAULT_SLOTS = 64         # most jobs a worker holds (the master adapts it to job length)
 FLUSH_INTERVAL = 0.025     # seconds a started/done note may wait (the I/O thread's tick)
 FLUSH_MAX = 256            # notes that force a flush
 TIMEOUT_GRACE = 2.0        # seconds a timed-out job gets to yield to the interrupt
