@@ -1,4 +1,4 @@
 """``python -m cw.worker``."""
-from cw.worker.process import main
+from cw.worker.options import main
 
 main()
