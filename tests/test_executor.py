@@ -372,7 +372,7 @@ def test_a_submitted_bound_methods_object_is_collected_and_shipped_once_per_work
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         for i in range(5):  # lone jobs: the first through the master, the next on the lane
             assert ex.submit(obj.add, i).result(timeout=30) == i + 1
-        wait_for(lambda: ex._session.lane_sock is not None, what="the lane")
+        wait_for(lambda: ex._session.lane.sock is not None, what="the lane")
         assert ex.submit(obj.add, 5).result(timeout=30) == 6
         futures = [ex.submit(obj.add, i) for i in range(300)]  # a fresh bound method each
         assert [f.result(timeout=60) for f in futures] == list(range(1, 301))
@@ -403,7 +403,7 @@ def test_distinct_partials_by_the_thousand_leave_nothing_in_the_client(cluster, 
             futures += [ex.submit(partial(pow, i), 2), ex.submit(obj.add, i)]
         assert [f.result(timeout=60) for f in futures] == \
             [v for i in range(300) for v in (i * i, i + 1)]
-        sent, cached = len(ex._session.master_has), len(ex._session.functions)
+        sent, cached = len(ex._session.master_has), len(ex._session.functions.entries)
     assert sent <= 20 and cached <= 4, (sent, cached)
     assert 1 <= trace.read_text().count("x") <= 2
 

@@ -88,7 +88,7 @@ def test_jobs_closures_errors_and_10_mb_across_hosts(rig, cluster):
                                           socket.gethostname()), big).result(60)
             seconds = time.monotonic() - t
             lone = [ex.submit(where, i).result(60)[0] for i in range(5)]
-            say(endpoint=ex._session.conn.endpoint, lane=ex._session.lane, spread=spread,
+            say(endpoint=ex._session.conn.endpoint, lane=ex._session.lane.endpoint, spread=spread,
                 closure=closure, error=error, echoed=echoed, seconds=seconds,
                 sha=hashlib.sha256(big).hexdigest(), lone=lone)
     """, cluster.host.ip, cluster.port)

@@ -34,7 +34,7 @@ def with_lane(ex: ClusterExecutor) -> str:
     """Run one job through the master, which then names a lane, and a few on the lane (so
     its worker is connected to our inbox); return the lane's endpoint."""
     assert ex.submit(abs, -1).result(timeout=30) == 1
-    endpoint = wait_for(lambda: ex._session.lane, 10, "the master to name a lane")
+    endpoint = wait_for(lambda: ex._session.lane.endpoint, 10, "the master to name a lane")
     assert [ex.submit(abs, -i).result(timeout=30) for i in range(3)] == [0, 1, 2]
     return endpoint
 
@@ -46,7 +46,7 @@ def test_lone_jobs_take_the_lane_and_the_master_counts_them(cluster):
         lane_jobs = []
         for i in range(50):
             future = ex.submit(abs, -i)
-            lane_jobs.append(future._seq in ex._session.on_lane)
+            lane_jobs.append(future._seq in ex._session.lane.jobs)
             assert future.result(timeout=30) == i
         assert all(lane_jobs)
         assert ex.submit(pid_of).result(timeout=30) in {w["pid"] for w in
@@ -72,7 +72,7 @@ def test_a_busy_worker_bounces_a_lane_job_to_the_master(procs, master, tmp_path)
         lone = ours.submit(abs, -7)
         wait_for(lambda: sum(c["queued"] for c in master.status()["clients"]) == 1, 20,
                  "the bounced job at the master")
-        assert lone._seq not in ours._session.on_lane
+        assert lone._seq not in ours._session.lane.jobs
         assert not lone.done()
         open(gate, "w").close()
         assert lone.result(timeout=30) == 7
@@ -85,7 +85,7 @@ def test_a_long_lane_job_shows_running_and_the_master_feeds_others(cluster, tmp_
     with executor(cluster) as ex:
         with_lane(ex)
         long_job = ex.submit(gated, gate, "long")
-        assert long_job._seq in ex._session.on_lane
+        assert long_job._seq in ex._session.lane.jobs
         wait_for(lambda: long_job.running(), 10, "the lane job reported running")
         busy = wait_for(lambda: [w for w in cluster.status()["workers"] if w["job"]], 10,
                         "the master to show the lane job")
@@ -107,7 +107,7 @@ def test_a_lane_job_that_kills_its_worker_is_resent_through_the_master(cluster, 
     with executor(cluster) as ex:
         with_lane(ex)
         future = ex.submit(exit_once, str(tmp_path / "died"), 42)
-        assert future._seq in ex._session.on_lane
+        assert future._seq in ex._session.lane.jobs
         assert future.result(timeout=NOTICE + 30) == 42
         assert (tmp_path / "died").exists()  # it did die once
     cluster.wait_workers(2)
@@ -120,7 +120,7 @@ def test_a_lane_death_is_charged_like_any_other(cluster):
     with executor(cluster) as ex:
         with_lane(ex)
         future = ex.submit(exit_worker, 0.2)
-        assert future._seq in ex._session.on_lane
+        assert future._seq in ex._session.lane.jobs
         with pytest.raises(WorkerLost) as info:
             future.result(timeout=3 * (NOTICE + 2) + 10)
         assert len(info.value.workers) == 3
@@ -136,7 +136,7 @@ def test_garbage_on_a_lane_and_an_inbox_is_dropped(procs, master, caplog):
     workers = procs.workers(master, 1)
     with executor(master) as ex:
         endpoint = with_lane(ex)
-        for path in (endpoint, ex._session.inbox):
+        for path in (endpoint, ex._session.lane.inbox):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
             for frames in ([b"\xc1"], [b"\x93\x28\x01\x02"], [b""], [b"\x91\xcd"],
@@ -147,7 +147,7 @@ def test_garbage_on_a_lane_and_an_inbox_is_dropped(procs, master, caplog):
             sock.close()
         for i in range(20):  # both ends still work, on the lane
             assert ex.submit(abs, -i).result(timeout=30) == i
-        assert ex._session.lane == endpoint
+        assert ex._session.lane.endpoint == endpoint
     assert "dropped a bad message on the inbox" in caplog.text
     assert "dropped a bad message on the lane" in workers.stderr()
     assert "a message of 0 frames" in workers.stderr()
@@ -161,7 +161,7 @@ def test_no_local_socket_means_no_lane(procs):
         assert list(ex.map(abs, [-1, -2])) == [1, 2]
         for i in range(5):
             assert ex.submit(abs, -i).result(timeout=30) == i
-        assert ex._session.lane is None
+        assert ex._session.lane.endpoint is None
 
 
 @pytest.mark.timeout(90)
@@ -176,7 +176,7 @@ def test_a_lane_job_survives_a_master_restart(procs, tmp_path):
         with_lane(ex)
         future = ex.submit(gated, gate, "gated")
         future.add_done_callback(done.append)
-        assert future._seq in ex._session.on_lane
+        assert future._seq in ex._session.lane.jobs
         first.signal(signal.SIGKILL)
         first.popen.wait(10)
         second = procs.master(port=first.port)
@@ -195,14 +195,14 @@ def test_a_worker_that_cannot_reach_the_inbox_gives_the_lane_back(cluster):
     the master takes the lane back and the client resends the job through it."""
     with executor(cluster) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
-        wait_for(lambda: ex._session.lane, 10, "the master to name a lane")
-        os.unlink(ex._session.inbox)  # before any worker connected to it
+        wait_for(lambda: ex._session.lane.endpoint, 10, "the master to name a lane")
+        os.unlink(ex._session.lane.inbox)  # before any worker connected to it
         future = ex.submit(abs, -5)
-        assert future._seq in ex._session.on_lane
+        assert future._seq in ex._session.lane.jobs
         assert future.result(timeout=30) == 5
-        assert ex._session.lane is None
+        assert ex._session.lane.endpoint is None
         assert [ex.submit(abs, -i).result(timeout=30) for i in range(5)] == list(range(5))
-        assert not ex._session.on_lane
+        assert not ex._session.lane.jobs
 
 
 @pytest.mark.timeout(90)
@@ -228,7 +228,7 @@ def test_lone_jobs_under_worker_kills_all_settle_once(procs, master):
         try:
             while time.monotonic() < deadline or len(kills) < 3:
                 future = ex.submit(pow, i, 2)
-                on_lane += future._seq in ex._session.on_lane
+                on_lane += future._seq in ex._session.lane.jobs
                 assert future.result(timeout=60) == i * i
                 i += 1
         finally:
@@ -249,9 +249,9 @@ def test_a_large_lane_result_comes_through_the_master(cluster):
         with_lane(ex)
         for n in (10, 200_000, 3_000_000):
             future = ex.submit(sized, n)
-            assert future._seq in ex._session.on_lane
+            assert future._seq in ex._session.lane.jobs
             assert future.result(timeout=30) == b"x" * n
-        assert ex._session.lane is not None
+        assert ex._session.lane.endpoint is not None
 
 
 @pytest.mark.timeout(60)
@@ -264,7 +264,7 @@ def test_a_worker_whose_lane_client_left_mid_job_is_fed_again(procs, master, tmp
     for i in range(4):  # through the master, then (once it named the lane) on the lane
         gone.submit(i, abs, -i)
         gone.wait(30)
-    wait_for(lambda: gone._session.lane, 10, "the master to name a lane")
+    wait_for(lambda: gone._session.lane.endpoint, 10, "the master to name a lane")
     gone.submit("orphan", gated, gate, "orphan")
     wait_for(lambda: any(w["job"] for w in master.status()["workers"]), 10,
              "the master to hold the worker back")

@@ -42,10 +42,10 @@ def test_another_user_cannot_connect_to_the_local_sockets(cluster, cw_home, whic
     """The master's local socket, a worker's lane and a client's inbox all refuse."""
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
-        lane = wait_for(lambda: ex._session.lane, 10, "a lane")
+        lane = wait_for(lambda: ex._session.lane.endpoint, 10, "a lane")
         _, info = connection_file(cw_home)
         path = {"master": info["local"]["endpoint"][len("ipc://"):], "lane": lane,
-                "inbox": ex._session.inbox}[which]
+                "inbox": ex._session.lane.inbox}[which]
         assert stat.S_ISSOCK(os.stat(path).st_mode)
         assert_refused_to_nobody(path)
 
@@ -173,7 +173,7 @@ def test_a_squatted_socket_directory_is_not_trusted(cluster, procs, cw_home, oth
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         assert ex._session.conn.endpoint.startswith("tcp://")
         assert list(ex.map(abs, range(-20, 0), timeout=30)) == list(range(20, 0, -1))
-        assert ex._session.inbox and not ex._session.inbox.startswith(folder + "/")
+        assert ex._session.lane.inbox and not ex._session.lane.inbox.startswith(folder + "/")
     assert squatter_saw(path) == []
     assert "not this user's own" in worker.stderr()
     assert "using /tmp/cw-" in worker.stderr()  # its lane: a fresh private directory
@@ -215,7 +215,7 @@ def test_a_lane_listener_cuts_off_another_user(cluster, cw_home, other_user):
     the connection at once (SO_PEERCRED) and reads nothing from it."""
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
-        inbox = ex._session.inbox
+        inbox = ex._session.lane.inbox
         folder = os.path.dirname(inbox)
         mode = os.stat(folder).st_mode & 0o777
         os.chmod(folder, 0o711)

@@ -388,12 +388,12 @@ def test_a_forged_lane_result_never_reaches_another_clients_future(cluster, othe
     gate = str(tmp_path / "gate")
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         assert ex.submit(abs, -1).result(timeout=30) == 1
-        wait_for(lambda: ex._session.lane_sock is not None, 10, "a lane")
+        wait_for(lambda: ex._session.lane.sock is not None, 10, "a lane")
         future = ex.submit(gated, gate, "real")
         forged = serialize.dumps_result("forged", "the forged result")
         worker_keys = security.keys_for(cluster.host, cluster.port, "worker")
         assert other_user.run(forge_lane_result, cluster.port, worker_keys,
-                              ex._session.lane_cid, future._seq, forged)
+                              ex._session.lane.cid, future._seq, forged)
         assert not future.done()
         assert "does not hold" in cluster.stderr()
         open(gate, "w").close()
