@@ -21,7 +21,8 @@ Small jobs never reach it: 20,000 no-op jobs are under 1 MB.
 
 The lane (cw.client.lane): once the master names a worker on this machine (LANE), a lone
 job (nothing else in flight, default options, arguments up to 1 MB) goes straight to it from
-the submitting thread and its result comes straight back to the inbox. A job on the lane stays in ``jobs``
+the submitting thread and its result comes straight back to the inbox. A job on the lane
+stays in ``jobs``
 until settled: BOUNCE (the worker was busy), LANE_LOST (it left or died), its worker's
 connection closing, or a master restart send it again through the master; the first outcome
 to arrive wins. Cancelling it answers False (it may run).
