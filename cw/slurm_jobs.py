@@ -28,6 +28,7 @@ The poller is thread-safe: the master runs ``poll`` in an executor thread, off i
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import logging
@@ -37,6 +38,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 
 from . import address
 from .launch import LaunchError
@@ -212,6 +214,22 @@ class Poller:
         self._reasons = {j.id: j.reason for j in jobs.values() if j.pending}
         for reason, ids in changed.items():
             log.info("%d %s worker jobs PENDING (reason: %s)", len(ids), self.name, reason)
+
+
+async def poll_forever(poller: Poller, on_snapshot: Callable[[Snapshot], None],
+                       executor: Executor | None = None) -> None:
+    """The master's watch on its worker jobs, a coroutine for its IOLoop (tornado runs on
+    asyncio: ``IOLoop.current().spawn_callback(poll_forever, poller, cb)``, or keep the
+    task to cancel it). Each interval the squeue call runs in ``executor`` (a thread, so
+    the loop never blocks on SLURM) and ``on_snapshot`` gets the result on the loop."""
+    loop = asyncio.get_running_loop()
+    while True:
+        snap = await loop.run_in_executor(executor, poller.poll)
+        try:
+            on_snapshot(snap)
+        except Exception:
+            log.exception("handling a squeue snapshot failed")
+        await asyncio.sleep(max(0.0, poller.interval - (poller.clock() - snap.taken)))
 
 
 def pending_reasons(snapshot: Snapshot) -> dict[str, int]:
