@@ -13,7 +13,8 @@
 
     worker
       allocation_end() --- once, at start: $SLURM_JOB_END_TIME (newer SLURM: a UNIX time),
-                           else squeue -h -j $SLURM_JOB_ID -o '%e|%l' ---> time.time() scale
+                           else squeue -h -j $SLURM_JOB_ID (ARRAY_TASK for an array
+                           task) -o '%e|%l' ---> time.time() scale
                            float, None when the job has no time limit (or no SLURM job)
 
 The worker script is the launcher's (``cw.slurm.worker_script``): srun runs one
@@ -49,7 +50,7 @@ JOB_ADAPT = "cwadapt"        # job name of the master's adaptive worker jobs
 POLL_INTERVAL = 10.0         # seconds: the most often the poller asks squeue
 COMMAND_TIMEOUT = 30.0       # seconds any one SLURM command may take
 SQUEUE_FORMAT = "%i|%T|%r|%e|%l|%N"  # id (array: 123_4), state, reason, end, limit, nodes
-KEEP_ENV = ("SLURM_CONF",)   # SLURM_* variables that configure the commands, not the job
+KEEP_ENV = ("SLURM_CONF", "SLURM_CLUSTERS")  # SLURM_* that configure the commands
 NO_TIME = frozenset({"", "N/A", "NONE", "Unknown", "UNLIMITED", "INVALID", "NOT_SET"})
 
 
@@ -84,6 +85,11 @@ def _environment() -> dict[str, str]:
     """This process's environment without the allocation's SLURM_* output variables."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith("SLURM_") or k in KEEP_ENV}
+
+
+def _squeue_environment() -> dict[str, str]:
+    """squeue prints times as parse_time reads them, whatever the user's time format."""
+    return {**os.environ, "SLURM_TIME_FORMAT": "standard"}
 
 
 def _run(argv: list[str], input: str | None = None,
@@ -193,7 +199,7 @@ class Poller:
             self.calls += 1
             try:
                 proc = _run(["squeue", "-h", "-r", "--me", "-n", self.name,
-                             "-o", SQUEUE_FORMAT])
+                             "-o", SQUEUE_FORMAT], env=_squeue_environment())
                 problem = "" if proc.returncode == 0 else proc.stderr.strip()
             except LaunchError as exc:
                 problem = str(exc)
@@ -253,8 +259,11 @@ def allocation_end(env: Mapping[str, str] | None = None) -> float | None:
     job = env.get("SLURM_JOB_ID", "").strip()
     if not job:
         return None
+    array, task = env.get("SLURM_ARRAY_JOB_ID", ""), env.get("SLURM_ARRAY_TASK_ID", "")
+    if array and task:  # an array task: its array's id may be its own, naming them all
+        job = f"{array}_{task}"
     try:
-        proc = _run(["squeue", "-h", "-j", job, "-o", "%e|%l"])
+        proc = _run(["squeue", "-h", "-j", job, "-o", "%e|%l"], env=_squeue_environment())
     except LaunchError as exc:
         log.warning("cannot ask SLURM when job %s ends: %s", job, exc)
         return None

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cw import slurm_jobs
+from cw import slurm, slurm_jobs
+from cw.client import ClusterExecutor
 from cw.slurm_jobs import (Poller, Snapshot, allocation_end, cancel, parse_squeue,
                            poll_forever, submit_workers)
 
@@ -169,16 +170,20 @@ def test_poll_forever_hands_one_snapshot_per_interval_to_the_loop(name, counted)
 @pytest.mark.slurm
 @needs_slurm
 @pytest.mark.timeout(60)
-def test_allocation_end_of_a_two_minute_job_is_two_minutes_after_its_start(name, tmp_path):
-    out = tmp_path / "end.json"
-    code = ("import json, time; from cw.slurm_jobs import allocation_end; "
-            f"t = time.time(); e = allocation_end(); open({str(out)!r}, 'w').write("
-            "json.dumps([t, e]))")
+def test_allocation_end_of_two_minute_jobs_is_two_minutes_after_each_start(name,
+                                                                          tmp_path):
+    code = ("import json, os, time; from cw.slurm_jobs import allocation_end; "
+            "t = time.time(); e = allocation_end(); "
+            f"open(os.path.join({str(tmp_path)!r}, os.environ['SLURM_ARRAY_TASK_ID']), 'w')"
+            ".write(json.dumps([t, e]))")
     limited = f"#!/bin/sh\nexec {sys.executable} -c {json.dumps(code)}\n"
-    (job,) = submit_workers(1, limited, options=["--time=2"], name=name)
-    started, end = json.loads(wait_for(lambda: out.exists() and out.read_text(), 45,
-                                       f"job {job}'s answer"))
-    assert end is not None and 100 <= end - started <= 121, (started, end)
+    # three tasks: one of them has the array's id as its own, which names all three
+    submit_workers(3, limited, options=["--time=2"], name=name)
+    for task in range(3):
+        out = tmp_path / str(task)
+        started, end = json.loads(wait_for(lambda out=out: out.exists() and out.read_text(),
+                                           45, f"task {task}'s answer"))
+        assert end is not None and 100 <= end - started <= 121, (task, started, end)
 
 
 @pytest.mark.slurm
@@ -204,3 +209,55 @@ def test_parse_squeue_reads_times_limits_and_arrays():
     assert jobs["7_0"].end is not None and jobs["7_0"].node == "vm"
     assert jobs["7_1"].pending and jobs["7_1"].end is None and jobs["7_1"].array == "7"
     assert jobs["8"].end is None and not jobs["8"].pending
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(90)
+def test_cw_workers_submitted_as_an_array_register_run_jobs_and_leave_on_sigint(
+        name, procs, cw_home):
+    # the master runs here, not as a cmaster job, so that the test never meets (nor
+    # stops) a cmaster job of the user or of another test; the workers find it through
+    # $CW_HOME/default.json, as the launcher's --slurm workers do
+    master = procs.master("--connection-file", str(cw_home / "default.json"))
+    ids = submit_workers(3, slurm.worker_script(), name=name)
+    poller = Poller(name, interval=0.0)
+    info = master.wait_workers(3, timeout=45)
+    assert len({w["pid"] for w in info["workers"]}) == 3
+    with ClusterExecutor(master.address) as ex:
+        assert list(ex.map(pow, range(30), [2] * 30)) == [i * i for i in range(30)]
+    running = [i for i, j in poller.poll().jobs.items() if j.state == "RUNNING"]
+    assert sorted(running) == sorted(ids)
+    assert cancel(running, signal="INT")  # the steps get SIGINT: BYE, then the jobs end
+    master.wait_workers(0, timeout=30)
+    wait_for(lambda: not poller.poll().jobs, 30, "the worker jobs to end")
+    for task in ids:  # each stopped as asked (not killed by SLURM)
+        text = (cw_home / "logs" / f"{name}-{task}.log").read_text()
+        assert "supervisor got SIGINT" in text and "stopped after" in text, text
+
+
+@pytest.mark.slurm
+@needs_slurm
+@pytest.mark.timeout(60)
+def test_a_failing_squeue_keeps_the_last_snapshot_and_waits_an_interval(name, tmp_path,
+                                                                        monkeypatch):
+    ids = submit_workers(2, SLEEPER, options=["--hold"], name=name)
+    clock = Clock()
+    poller = Poller(name, interval=10.0, clock=clock)
+    first = poller.poll()
+    assert first.ok and set(first.jobs) == set(ids)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "squeue").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to "
+                                   "contact slurm controller' >&2\nexit 1\n")
+    (broken / "squeue").chmod(0o755)
+    path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", f"{broken}{os.pathsep}{path}")
+    clock.t += 10.0
+    failed = poller.poll()
+    assert not failed.ok and failed.jobs == first.jobs and poller.calls == 2
+    assert poller.poll() is failed and poller.calls == 2  # no retry storm
+    monkeypatch.setenv("PATH", path)  # the controller is back
+    clock.t += 10.0
+    assert poller.poll().ok
+    assert cancel(ids)
