@@ -12,6 +12,8 @@
                               running ones signalled so the worker says BYE and leaves)
 
     worker
+      this_job() ------------ "123_4" from $SLURM_ARRAY_JOB_ID/_TASK_ID (else $SLURM_JOB_ID):
+                              what its HELLO tells the master, to be cancelled by
       allocation_end() --- once, at start: $SLURM_JOB_END_TIME (newer SLURM: a UNIX time),
                            else squeue -h -j $SLURM_JOB_ID (ARRAY_TASK for an array
                            task) -o '%e|%l' ---> time.time() scale
@@ -248,6 +250,17 @@ def pending_reasons(snapshot: Snapshot) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------ a worker's allocation
+def this_job(env: Mapping[str, str] | None = None) -> str | None:
+    """The id of the SLURM job (``"123_4"`` for an array task) this process runs in, as
+    the poller names it and ``cancel`` takes it: what a worker tells the master in its
+    HELLO so the master can cancel it. None outside SLURM."""
+    env = os.environ if env is None else env
+    array, task = env.get("SLURM_ARRAY_JOB_ID", ""), env.get("SLURM_ARRAY_TASK_ID", "")
+    if array and task:  # an array task: its array's id may be its own, naming them all
+        return f"{array}_{task}"
+    return env.get("SLURM_JOB_ID", "").strip() or None
+
+
 def allocation_end(env: Mapping[str, str] | None = None) -> float | None:
     """When this process's SLURM allocation ends (a ``time.time()`` value), asked once:
     ``$SLURM_JOB_END_TIME`` if SLURM set it, else one ``squeue -j $SLURM_JOB_ID``. None
@@ -256,12 +269,9 @@ def allocation_end(env: Mapping[str, str] | None = None) -> float | None:
     raw = env.get("SLURM_JOB_END_TIME", "").strip()
     if raw.isdigit() and int(raw) > 0:
         return float(raw)
-    job = env.get("SLURM_JOB_ID", "").strip()
-    if not job:
+    job = this_job(env)
+    if job is None:
         return None
-    array, task = env.get("SLURM_ARRAY_JOB_ID", ""), env.get("SLURM_ARRAY_TASK_ID", "")
-    if array and task:  # an array task: its array's id may be its own, naming them all
-        job = f"{array}_{task}"
     try:
         proc = _run(["squeue", "-h", "-j", job, "-o", "%e|%l"], env=_squeue_environment())
     except LaunchError as exc:

@@ -172,18 +172,19 @@ def test_poll_forever_hands_one_snapshot_per_interval_to_the_loop(name, counted)
 @pytest.mark.timeout(60)
 def test_allocation_end_of_two_minute_jobs_is_two_minutes_after_each_start(name,
                                                                           tmp_path):
-    code = ("import json, os, time; from cw.slurm_jobs import allocation_end; "
+    code = ("import json, os, time; from cw.slurm_jobs import allocation_end, this_job; "
             "t = time.time(); e = allocation_end(); "
             f"open(os.path.join({str(tmp_path)!r}, os.environ['SLURM_ARRAY_TASK_ID']), 'w')"
-            ".write(json.dumps([t, e]))")
+            ".write(json.dumps([t, e, this_job()]))")
     limited = f"#!/bin/sh\nexec {sys.executable} -c {json.dumps(code)}\n"
     # three tasks: one of them has the array's id as its own, which names all three
-    submit_workers(3, limited, options=["--time=2"], name=name)
+    ids = submit_workers(3, limited, options=["--time=2"], name=name)
     for task in range(3):
         out = tmp_path / str(task)
-        started, end = json.loads(wait_for(lambda out=out: out.exists() and out.read_text(),
+        started, end, job = json.loads(wait_for(lambda out=out: out.exists() and out.read_text(),
                                            45, f"task {task}'s answer"))
         assert end is not None and 100 <= end - started <= 121, (task, started, end)
+        assert job == ids[task]  # what the poller and cancel name it
 
 
 @pytest.mark.slurm
