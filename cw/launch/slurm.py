@@ -263,8 +263,15 @@ def _worker_command(docker_image: str | None, docker_args: str, master: tuple,
             "--log-level", log_level]
 
 
-def _submit_workers(n: int, options: Sequence[str], command: list[str]) -> str:
-    script = _script(["srun", *command])
+def worker_script(docker_image: str | None = None, docker_args: str = "",
+                  master: tuple = ("", 0), log_level: str = "INFO") -> str:
+    """The batch script of a workers job: ``srun`` starts one cw worker per task, found
+    through SLURM (``--slurm``) or, in ``docker_image``, at ``master``. The launcher's
+    cworkers job and the master's adaptive worker jobs (cw.slurm_jobs) run the same."""
+    return _script(["srun", *_worker_command(docker_image, docker_args, master, log_level)])
+
+
+def _submit_workers(n: int, options: Sequence[str], script: str) -> str:
     return _sbatch(JOB_WORKERS, script, [f"--ntasks={n}", *options])
 
 
@@ -340,10 +347,10 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
                 raise LaunchError(f"no running {JOB_MASTER} job found for the workers")
         known = frozenset() if master or host is None else worker_names(host, port)
         if workers and nworkers > 0:  # submitted before the master runs: scheduled together
-            command = _worker_command(docker_image, docker_args, (host, port), log_level)
+            script = worker_script(docker_image, docker_args, (host, port), log_level)
             submitted[JOB_WORKERS] = _submit_workers(
                 nworkers, [*common, *["--ntasks-per-node=1"] * isolated, *worker_options],
-                command)
+                script)
         if host is None:
             host, port = _master_up(watch, port, deadline)
         info = wait_until_up(host, port, nworkers if workers else 0,
