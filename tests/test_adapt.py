@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cw.adapt import (Decision, Demand, Limits, WorkerView, decide, draining, leaving,
+from cw.launch.adapt import (Decision, Demand, Limits, WorkerView, decide, draining, leaving,
                       replace_at, takes, wanted)
 
 NOW = 1_000_000.0

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from cw import slurm, slurm_jobs
+from cw.launch import slurm, slurm_jobs
 from cw.client import ClusterExecutor
-from cw.slurm_jobs import (Poller, Snapshot, allocation_end, cancel, parse_squeue,
+from cw.launch.slurm_jobs import (Poller, Snapshot, allocation_end, cancel, parse_squeue,
                            poll_forever, submit_workers)
 
 from slurm_conftest_helpers import slurm_problem
@@ -172,7 +172,7 @@ def test_poll_forever_hands_one_snapshot_per_interval_to_the_loop(name, counted)
 @pytest.mark.timeout(60)
 def test_allocation_end_of_two_minute_jobs_is_two_minutes_after_each_start(name,
                                                                           tmp_path):
-    code = ("import json, os, time; from cw.slurm_jobs import allocation_end, this_job; "
+    code = ("import json, os, time; from cw.launch.slurm_jobs import allocation_end, this_job; "
             "t = time.time(); e = allocation_end(); "
             f"open(os.path.join({str(tmp_path)!r}, os.environ['SLURM_ARRAY_TASK_ID']), 'w')"
             ".write(json.dumps([t, e, this_job()]))")
@@ -192,7 +192,7 @@ def test_allocation_end_of_two_minute_jobs_is_two_minutes_after_each_start(name,
 @pytest.mark.timeout(60)
 def test_allocation_end_is_none_without_a_time_limit_or_a_job(name, tmp_path):
     out = tmp_path / "end.json"
-    code = ("import json; from cw.slurm_jobs import allocation_end; "
+    code = ("import json; from cw.launch.slurm_jobs import allocation_end; "
             f"open({str(out)!r}, 'w').write(json.dumps(allocation_end()))")
     submit_workers(1, f"#!/bin/sh\nexec {sys.executable} -c {json.dumps(code)}\n",
                    name=name)

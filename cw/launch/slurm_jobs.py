@@ -19,7 +19,7 @@
                            task) -o '%e|%l' ---> time.time() scale
                            float, None when the job has no time limit (or no SLURM job)
 
-The worker script is the launcher's (``cw.slurm.worker_script``): srun runs one
+The worker script is the launcher's (``cw.launch.slurm.worker_script``): srun runs one
 ``python -m cw.worker --slurm`` per array task, with the launcher's exports. sbatch is run
 with the allocation's own ``SLURM_*`` output variables removed from its environment, so the
 master's job geometry (``SLURM_NTASKS``, ``SLURM_CPUS_PER_TASK``, ...) does not leak into the
@@ -43,8 +43,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 
-from . import address
-from .launch import LaunchError
+from cw.conn import address
+from cw.errors import LaunchError
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def parse_squeue(stdout: str) -> dict[str, WorkerJob]:
 def submit_workers(n: int, script: str, options: Sequence[str] = (),
                    name: str = JOB_ADAPT) -> list[str]:
     """Submit ``n`` worker processes as ONE array job of one-task jobs running ``script``
-    (``cw.slurm.worker_script()``); ``options`` (the launcher's ``--Xworkers``) go to
+    (``cw.launch.slurm.worker_script()``); ``options`` (the launcher's ``--Xworkers``) go to
     sbatch as they are. Returns the array tasks' ids, ``["123_0", ..., "123_<n-1>"]``.
     Output goes to ``$CW_HOME/logs/<name>-<array>_<task>.log``."""
     if n <= 0:
