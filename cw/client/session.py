@@ -43,16 +43,15 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from typing import Any
 
-
 from cw import protocol as P
 from cw import serialize
-from cw.conn import address
-from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT, Alias, Connection, check_size, peer_info
-from cw.defaults import DEFAULT_MASTER_TIMEOUT
 from cw.client.functions import FunctionCache
-from cw.client.lane import DIGESTS_KEPT
-from cw.client.lane import LaneClient
+from cw.client.lane import DIGESTS_KEPT, LaneClient
 from cw.client.outcomes import decode_outcome
+from cw.conn import address
+from cw.conn.alias import Alias
+from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT, Connection, check_size, peer_info
+from cw.defaults import DEFAULT_MASTER_TIMEOUT
 from cw.errors import (
     MasterLost,
 )

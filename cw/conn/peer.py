@@ -14,14 +14,14 @@ us (it timed us out); either way ``on_welcome(resync=True)`` lets the owner resu
 held. A HELLO to a master that knows us only refreshes us there.
 
 ``listen(kind, handler)`` opens a further receiving socket with a thread of its own (a
-worker's lane, a client's inbox: see cw.lane), stopped and removed with the connection.
+worker's lane, a client's inbox: see cw.conn.lane), stopped and removed with the connection.
 
-An ``Alias`` is a second socket of the same peer, owned by one other thread, that sends
-without waking the I/O thread (a worker's results, a client's lone job): one thread
-handoff less on the latency path. The master maps it to the peer through HELLO's "alias".
+A peer may also send on an ``Alias`` (cw.conn.alias), a second socket owned by one other
+thread: one thread handoff less on the latency path.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Callable
 
 import zmq
-from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.ioloop import IOLoop
 
 from cw import protocol as P
 from cw.conn import lane, local, security
@@ -267,9 +267,31 @@ class Connection:
         assert self.loop is not None  # the I/O thread's, set before it runs us
         self.reader = SocketLoop(self.loop, self.sock, self._on_message, lambda: None)
         self.on_begin()
+        self.loop.spawn_callback(self._converse)
+
+    async def _converse(self) -> None:
+        """Our side of the conversation with the master, top to bottom: HELLO, then a
+        heartbeat each interval (the master's WELCOME may change it). Silent past the
+        timeout: once per timeout, reconnect if its connection file changed and say HELLO
+        again; each tick, tell the owner how long it has been (it may give up). The
+        master's answers (WELCOME, WHO, REFUSE) are handled as they come (_on_message)."""
         self._hello()
-        self.ticker = PeriodicCallback(self._tick, self.heartbeat_interval * 1000)
-        self.ticker.start()
+        while not self._closing:
+            await asyncio.sleep(self.heartbeat_interval)
+            if self._closing:
+                return
+            now = time.monotonic()
+            silent = now - self.last_heard
+            if silent <= self.heartbeat_timeout:
+                self.send([P.pack(P.HEARTBEAT)])
+                continue
+            if now - self._said_hello > self.heartbeat_timeout:
+                self._said_hello = now
+                self._reroute_if_changed()
+                self.log.warning("master %s silent for %.0f s; saying HELLO again",
+                                 self.endpoint, silent)
+                self._hello()
+            self.on_silence(silent)
 
     def _reroute_if_changed(self) -> None:
         """A master restarted with new keys or sockets: reconnect as its new file says."""
@@ -297,25 +319,11 @@ class Connection:
     def _shutdown(self, bye: bool = True) -> None:
         if bye and self.welcomed.is_set() and not self.refused:
             self.send([P.pack(P.BYE)])
-        self.ticker.stop()
+        self._closing = True  # ends _converse
         self.reader.close()
         self._stop_listening()
         assert self.loop is not None  # the I/O thread's: we run in it
         self.loop.stop()
-
-    def _tick(self) -> None:
-        now = time.monotonic()
-        silent = now - self.last_heard
-        if silent > self.heartbeat_timeout:
-            if now - self._said_hello > self.heartbeat_timeout:
-                self._said_hello = now
-                self._reroute_if_changed()
-                self.log.warning("master %s silent for %.0f s; saying HELLO again",
-                                 self.endpoint, silent)
-                self._hello()
-            self.on_silence(silent)
-        else:
-            self.send([P.pack(P.HEARTBEAT)])
 
     def _on_message(self, frames: list) -> None:
         if self.check is not None and self._stranger():
@@ -356,15 +364,10 @@ class Connection:
                                                     or self.forgotten)
         self.forgotten = False
         self.master_id = master_id
-        interval = float(info.get("heartbeat_interval", self.heartbeat_interval))
+        self.heartbeat_interval = float(info.get("heartbeat_interval", self.heartbeat_interval))
         self.heartbeat_timeout = float(info.get("heartbeat_timeout", self.heartbeat_timeout))
         self.max_message_size = int(info.get("max_message_size", 0))
         self.master_workers = int(info.get("workers", 0))
-        if interval != self.heartbeat_interval:
-            self.heartbeat_interval = interval
-            self.ticker.stop()
-            self.ticker = PeriodicCallback(self._tick, interval * 1000)
-            self.ticker.start()
         self.log.info("registered with master %s at %s%s", master_id[:8], self.endpoint,
                       " (it restarted)" if restarted else "")
         self.welcomed.set()
@@ -380,59 +383,3 @@ def check_size(frames: list, limit: int, what: str) -> None:
         if size > limit:
             raise TooLarge(f"{what} is {size} bytes, larger than the master's "
                            f"--max-message-size of {limit} bytes")
-
-
-class Alias:
-    """A send-only second socket of a connected peer, for exactly one owner thread.
-
-    The master never writes to it (not even WHO: that goes to the main socket), so
-    nothing stale can arrive here after a master restart.
-    """
-
-    def __init__(self, conn: Connection):
-        self.conn = conn
-        self.sock: zmq.Socket | None = None
-        self.check: local.PeerCheck | None = None
-        self.route: security.Route | None = None
-
-    def send(self, frames: list) -> None:
-        if self.sock is None or self.route is not self.conn.route:
-            self._open()
-        elif self.check is not None and self.check.strangers():
-            self.conn.log.error("another user answers on the local socket; sending by TCP")
-            self._open(tcp=True)
-        elif self.check is not None and self.check.ended:
-            self._open()  # the local connection is over: dial again, checking the path
-        assert self.sock is not None  # _open() made it
-        try:
-            self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-        except zmq.Again:  # no peer (the local connection ended): dial again, checking it
-            self._open()
-            assert self.sock is not None  # _open() made it
-            try:
-                self.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
-            except zmq.ZMQError as exc:
-                self.conn.log.warning("cannot send to the master: %s", exc)
-        except zmq.ZMQError as exc:
-            self.conn.log.warning("cannot send to the master: %s", exc)
-
-    def close(self, linger: int = 2000) -> None:
-        if self.check is not None:
-            self.check.close()
-            self.check = None
-        if self.sock is not None:
-            self.sock.close(linger=linger)
-            self.sock = None
-
-    def _open(self, tcp: bool = False) -> None:
-        """Connect as our peer did, unless its local socket has gone since (a tmp cleaner)
-        or is not ours: a socket file that is not there would take our messages and never
-        deliver them. The master maps an alias to its peer whatever socket either came in
-        on."""
-        self.close(linger=0)
-        self.route = route = self.conn.route
-        assert route is not None  # the peer is connected
-        if route.endpoint.startswith("ipc://") and (tcp or not local.present(route.endpoint)):
-            route = self.conn._find_route(allow_local=False) or route
-        self.sock, self.check = self.conn._connect(self.conn.info["alias"], rcvhwm=1,
-                                                   route=route)

@@ -29,9 +29,9 @@ experiments on loopback, with a warning.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, NamedTuple, TypeGuard
 
 import zmq

@@ -46,9 +46,9 @@ from cw.defaults import (
     DEFAULT_MAX_MESSAGE_SIZE,
 )
 from cw.errors import ProtocolError
+from cw.master.connections import Connections, router
 from cw.master.peers import MAX_FUNCTION_BYTES
 from cw.master.records import ClientRecord, WorkerRecord
-from cw.master.connections import Connections, router
 from cw.master.scheduler import Scheduler
 from cw.master.throughput import SAMPLE_INTERVAL, Throughput
 

@@ -7,8 +7,12 @@ import socket
 
 from cw import cli
 from cw import protocol as P
-from cw.defaults import (DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
-                         DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE)
+from cw.defaults import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+)
 from cw.errors import CwError
 from cw.master.daemon import Master
 from cw.master.peers import MAX_FUNCTION_BYTES

@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 import logging
+import random
+import uuid
 from collections import deque
 from collections.abc import Callable
 
 from cw import protocol as P
-import random
-import uuid
-
 from cw.errors import ProtocolError, QuotaExceeded, WorkerLost
 from cw.master import outbox
 from cw.master.lanes import Lanes

@@ -44,9 +44,15 @@ from cw.errors import ProtocolError, QuotaExceeded
 from cw.master import outbox, view
 from cw.master.outbox import RESULT_MESSAGE  # noqa: F401  (named here too)
 from cw.master.peers import MAX_FUNCTION_BYTES, MAX_FUNCTIONS, QUOTA_WINDOWS  # noqa: F401
+from cw.master.records import (  # noqa: F401
+    MIN_HOLD,
+    RESULT_BACKLOG,
+    ClientRecord,
+    JobRecord,
+    PeerRecord,
+    WorkerRecord,
+)
 from cw.master.stealing import Stealing
-from cw.master.records import (MIN_HOLD, RESULT_BACKLOG, ClientRecord,  # noqa: F401
-                               JobRecord, PeerRecord, WorkerRecord)
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-
-
 from cw.master.peers import Peers
 from cw.master.records import JobRecord, WorkerRecord
 

@@ -31,16 +31,17 @@ import cloudpickle
 import msgpack
 from tornado.ioloop import PeriodicCallback
 
-from cw import serialize
 from cw import protocol as P
+from cw import serialize
 from cw.conn import address
-from cw.conn.peer import Alias, Connection, check_size, peer_info
+from cw.conn.alias import Alias
+from cw.conn.peer import Connection, check_size, peer_info
+from cw.defaults import DEFAULT_SLOTS
+from cw.errors import CwError, ProtocolError
 from cw.worker.deadline import JobInterrupted, time_up, timeout_error
 from cw.worker.lane import LaneServer
 from cw.worker.outbox import FLUSH_INTERVAL, Outbox
 from cw.worker.supervisor import SupervisorLink
-from cw.defaults import DEFAULT_SLOTS
-from cw.errors import CwError, ProtocolError
 
 log = logging.getLogger(__name__)
 
