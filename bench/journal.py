@@ -19,7 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cw.journal import Journal  # noqa: E402
+from cw.journal import Journal
 
 
 def rss_mb() -> float:
