@@ -57,7 +57,8 @@ class Journal(Index):
         self.on_durable = on_durable
         os.makedirs(path, exist_ok=True)
         self._lock_file = F.Lock(path)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()   # with self._lock: C speed; the condition shares it
+        self._cond = threading.Condition(self._lock)
         self._seq = 0
         self._durable = 0
         self._chunks: list[list] = []     # [seg, offset, bytearray] not yet handed to the writer
@@ -146,7 +147,7 @@ class Journal(Index):
 
     def _append(self, records: list[tuple[list, bytes]], check: bool) -> int:
         frames = [F.frame(meta, payload) for meta, payload in records]
-        with self._cond:
+        with self._lock:
             if self._closed:
                 raise JournalError(f"journal {self.path} is closed")
             if self._error is not None:
@@ -188,7 +189,7 @@ class Journal(Index):
     def add_job(self, batch: str, key: int, fid: bytes, payload: bytes,
                 options: dict | None = None) -> int:
         """Append one job to ``batch`` (created if new); returns its seq."""
-        with self._cond:
+        with self._lock:
             b = self._batches.get(batch)
             if b is None or (b.keys and key <= b.keys[-1]) or fid not in self._funcs:
                 return self.add_jobs(batch, [(key, fid, payload, options)])   # or raise there
@@ -199,7 +200,7 @@ class Journal(Index):
         """Append jobs (key, fid, payload, options) to ``batch``, creating it if new: all of
         them or, on JournalFull or a bad key or fid, none. Keys must increase. Returns the seq
         that covers them all."""
-        with self._cond:
+        with self._lock:
             b = self._batches.get(batch)
             records: list[tuple[list, bytes]] = []
             if b is None:
@@ -227,7 +228,7 @@ class Journal(Index):
         """Journal outcomes (key, status, payload), status 0 done, else failed. The first
         outcome of a key wins; a later one is not written. An outcome after a cancel still
         counts (the job was running). Never raises JournalFull. Returns the covering seq."""
-        with self._cond:
+        with self._lock:
             b = self._batch(batch)
             entries, seen = [], set()
             for key, status, payload in outcomes:
@@ -241,7 +242,7 @@ class Journal(Index):
     def cancel(self, batch: str) -> int:
         """Mark every job of ``batch`` without an outcome cancelled (a running one that still
         finishes gets its outcome)."""
-        with self._cond:
+        with self._lock:
             b = self._batch(batch)
             if not b.keys:
                 return self._seq
@@ -249,7 +250,7 @@ class Journal(Index):
 
     def forget(self, batch: str) -> int:
         """Drop ``batch`` and all it holds; compact() gives the disk space back."""
-        with self._cond:
+        with self._lock:
             b = self._batch(batch)
             return self._append([([F.K_FORGET, b.bid], b"")], check=False)
 
@@ -275,12 +276,12 @@ class Journal(Index):
     @property
     def buffered_bytes(self) -> int:
         """Bytes accepted but not yet on disk (the master may stop reading clients past some)."""
-        with self._cond:
+        with self._lock:
             return sum(len(c[2]) for c in self._chunks + self._inflight)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
+            with self._lock:
                 while not self._chunks and not self._closed:
                     self._idle = True
                     self._cond.wait()
@@ -294,11 +295,11 @@ class Journal(Index):
                 self._write(chunks)
             except BaseException as e:
                 log.error("journal %s: write failed: %s", self.path, e)
-                with self._cond:
+                with self._lock:
                     self._error = e
                     self._cond.notify_all()
                 return
-            with self._cond:
+            with self._lock:
                 self._inflight = []
                 self._durable = target
                 self._cond.notify_all()
@@ -318,7 +319,7 @@ class Journal(Index):
                 fd = os.open(os.path.join(self.path, F.seg_name(seg)),
                              os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
                 F.fsync_dir(self.path)
-                with self._cond:
+                with self._lock:
                     self._fds[seg] = fd
             mv = memoryview(data)
             while mv:
@@ -330,7 +331,7 @@ class Journal(Index):
 
     def flush(self, timeout: float | None = 60.0) -> int:
         """Block until everything accepted so far is on disk; returns the durable seq."""
-        with self._cond:
+        with self._lock:
             target = self._seq
             ok = self._cond.wait_for(
                 lambda: self._durable >= target or self._error is not None, timeout)
@@ -359,7 +360,7 @@ class Journal(Index):
             if self._error is None:
                 self.flush()
         finally:
-            with self._cond:
+            with self._lock:
                 self._closed = True
                 self._cond.notify_all()
             self._thread.join(timeout=60)

@@ -94,7 +94,7 @@ def compact(j: Journal) -> int:
     """Rewrite ``j``'s live records into one new segment; returns the bytes given back."""
     while True:
         j.flush()
-        with j._cond:
+        with j._lock:
             if j._chunks or j._inflight:
                 continue                 # an append slipped in between: flush it too
             before = j._disk

@@ -69,7 +69,7 @@ class Index:
     """The index part of Journal: replay (_apply) and the queries that need no disk."""
 
     path: str
-    _cond: threading.Condition
+    _lock: threading.RLock
     _fds: dict[int, int]
     _chunks: list[list]
     _inflight: list[list]
@@ -141,8 +141,12 @@ class Index:
                 n += 1
             if j != end or n != meta[2]:
                 raise ValueError(f"a jobs record of {meta[2]} jobs holds {n}")
-            b.outs.extend(array("q", [-1]) * n)
-            b.states.extend(bytes(n))
+            if n == 1:
+                b.outs.append(-1)
+                b.states.append(QUEUED)
+            else:
+                b.outs.extend(array("q", [-1]) * n)
+                b.states.extend(bytes(n))
             b.counts[QUEUED] += n
         elif kind == F.K_OUTCOMES:
             b = self._by_id[meta[1]]
@@ -208,9 +212,18 @@ class Index:
     def pending(self, batch: str, after: int | None = None) -> Iterator[int]:
         """The keys of ``batch``'s queued jobs in submission order (those after key ``after``
         if given). Live: a job settled while iterating is skipped."""
+        return self.keys(batch, QUEUED, after)
+
+    def keys(self, batch: str, state: int | None = None,
+             after: int | None = None) -> Iterator[int]:
+        """The keys of ``batch`` in submission order: all, or those in ``state`` (QUEUED,
+        DONE, FAILED, CANCELLED), after key ``after`` if given."""
         b = self._batch(batch)
         i = 0 if after is None else bisect.bisect_right(b.keys, after)
-        q = bytes([QUEUED])
+        if state is None:
+            yield from b.keys[i:]
+            return
+        q = bytes([state])
         while True:
             i = b.states.find(q, i)
             if i < 0:
@@ -226,7 +239,7 @@ class Index:
         return None
 
     def _read_entry(self, pos: int) -> bytes:
-        with self._cond:
+        with self._lock:
             found = self._buffered(pos)
             if found is not None:
                 data, i = found
@@ -253,7 +266,7 @@ class Index:
     def read_function(self, fid: bytes) -> bytes:
         """The pickled function ``fid``."""
         pos = self._funcs[fid]
-        with self._cond:
+        with self._lock:
             found = self._buffered(pos)
             fr = bytes(found[0][found[1]:]) if found else None
             fd = self._fds[pos >> SEG_SHIFT] if found is None else -1

@@ -58,6 +58,8 @@ def test_round_trip_and_reopen(tmp_path):
         before = snapshot(j)
         assert list(j.pending("a"))[:3] == [12, 13, 14]
         assert list(j.pending("a", after=50)) == list(range(51, 60)) + [100]
+        assert list(j.keys("a", DONE)) == [10] and list(j.keys("a", FAILED)) == [11]
+        assert list(j.keys("a", after=57)) == [58, 59, 100]
     with Journal(str(tmp_path)) as j:
         assert snapshot(j) == before
         st = j.status("a", running=2)
