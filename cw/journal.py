@@ -1,8 +1,16 @@
 """The master's journal: durable named batches in append-only segment files (issue 14).
 
 Safe on NFS/Lustre with one writer: plain files written with pwrite + fsync, no mmap, no
-shared memory, no SQLite; a LOCK file (O_CREAT|O_EXCL) keeps a second writer out. The record
-and segment format is in cw/journal_format.py. The write path::
+shared memory, no SQLite; a LOCK file (O_CREAT|O_EXCL) keeps a second writer out. Format
+(details in cw/journal_format.py)::
+
+    PATH/seg-00000001.log  seg-00000002.log ...  (numbered; only the last one is appended to)
+    segment = header frame, frame, frame, ...
+    frame   = [u32 len][u32 crc32][u32 metalen][msgpack meta][payload]
+              meta [3, bid, n]: payload = n job entries [u32 len][i64 key][u16][u32] fid opts args
+              meta [4, bid, n]: payload = n outcome entries [u32 len][i64 key][i32 status] value
+
+The write path::
 
     IOLoop thread                         writer thread ("cw-journal")
     add_job/add_outcome/...               waits for buffered frames
@@ -20,7 +28,12 @@ and outcomes are read back with os.pread (or from the buffer while they are not 
 forget() appends a record; compact() then rewrites the live records into a new segment
 (written as .tmp, fsync'ed, renamed, directory fsync'ed; its header says every older segment
 is dead; then the old ones are deleted), so a crash at any step leaves either the old state or
-the new one.
+the new one. Compaction keeps only the functions some live job uses (has_function says when
+the master must store one again).
+
+Recovery (on open): segments are read in order; the first short, torn or bad-crc frame of the
+last segment ends it (truncated there, with a warning); one anywhere else is JournalCorrupt.
+Sequence numbers (seq) count appends of this open journal only; they restart after a reopen.
 """
 from __future__ import annotations
 
@@ -199,7 +212,9 @@ class Journal(Index):
     def add_jobs(self, batch: str, jobs: Iterable[tuple[int, bytes, bytes, dict | None]]) -> int:
         """Append jobs (key, fid, payload, options) to ``batch``, creating it if new: all of
         them or, on JournalFull or a bad key or fid, none. Keys must increase. Returns the seq
-        that covers them all."""
+        that covers them all. More than BULK_BYTES go in several frames: a crash before that
+        seq is durable may keep a prefix of them (acknowledge nothing before on_durable, and
+        skip keys <= last_key() when a client resubmits after a restart)."""
         with self._lock:
             b = self._batches.get(batch)
             records: list[tuple[list, bytes]] = []

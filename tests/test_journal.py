@@ -338,3 +338,23 @@ def test_forget_and_unknown(tmp_path):
     with Journal(str(tmp_path)) as j:
         assert j.batches() == ["b", "a"] and j.status("a")["jobs"] == 3
     shutil.rmtree(str(tmp_path))
+
+
+@pytest.mark.parametrize("left", [0, 5])
+def test_new_segment_torn_at_its_header(tmp_path, left):
+    """A crash right after a segment was created (empty) or while its header was written."""
+    path = str(tmp_path)
+    with Journal(path, segment_bytes=2048) as j:
+        for k in range(30):
+            fill(j, "a", range(k, k + 1))
+    last = list_segments(path)[-1]
+    with Journal(path, segment_bytes=2048) as j:
+        before = snapshot(j)
+    with open(os.path.join(path, seg_name(last + 1)), "wb") as f:
+        f.write(b"\x50\x00\x00\x00\x01"[:left])
+    with Journal(path, segment_bytes=2048) as j:
+        assert snapshot(j) == before
+        fill(j, "a", range(30, 60))
+        before = snapshot(j)
+    with Journal(path, segment_bytes=2048) as j:
+        assert snapshot(j) == before
