@@ -238,39 +238,42 @@ class Index:
                 return data, off - base
         return None
 
-    def _read_entry(self, pos: int) -> bytes:
-        with self._lock:
-            found = self._buffered(pos)
-            if found is not None:
-                data, i = found
-                return bytes(data[i:i + int.from_bytes(data[i:i + 4], "little")])
-            fd = self._fds[pos >> SEG_SHIFT]
-        return F.read_entry(fd, pos & OFF_MASK)
+    def _locate(self, pos: int, frame: bool = False) -> bytes | tuple[int, int]:
+        """Under the lock (positions move when a compaction ends): the entry (or frame) at
+        ``pos`` if it is still buffered, else (fd, offset) to pread it from."""
+        found = self._buffered(pos)
+        if found is None:
+            return self._fds[pos >> SEG_SHIFT], pos & OFF_MASK
+        data, i = found
+        if frame:
+            return bytes(data[i:i + 8 + int.from_bytes(data[i:i + 4], "little")])
+        return bytes(data[i:i + int.from_bytes(data[i:i + 4], "little")])
 
     def read_job(self, batch: str, key: int) -> Job:
         """Job ``key`` of ``batch``, read back from disk (or the write buffer)."""
-        b = self._batch(batch)
-        key, fid, payload, options = F.parse_job(self._read_entry(b.jobs[b.index(key)]))
+        with self._lock:
+            b = self._batch(batch)
+            src = self._locate(b.jobs[b.index(key)])
+        e = src if isinstance(src, bytes) else F.read_entry(*src)
+        key, fid, payload, options = F.parse_job(e)
         return Job(key, fid, payload, options)
 
     def read_outcome(self, batch: str, key: int) -> Outcome | None:
         """The outcome of job ``key`` of ``batch``, or None if it has none."""
-        b = self._batch(batch)
-        pos = b.outs[b.index(key)]
-        if pos == -1:
-            return None
-        e = self._read_entry(pos)
+        with self._lock:
+            b = self._batch(batch)
+            pos = b.outs[b.index(key)]
+            if pos == -1:
+                return None
+            src = self._locate(pos)
+        e = src if isinstance(src, bytes) else F.read_entry(*src)
         n, k, status = F.OUT_ENTRY.unpack_from(e)
         return Outcome(k, status, e[F.OUT_ENTRY.size:n])
 
     def read_function(self, fid: bytes) -> bytes:
         """The pickled function ``fid``."""
-        pos = self._funcs[fid]
         with self._lock:
-            found = self._buffered(pos)
-            fr = bytes(found[0][found[1]:]) if found else None
-            fd = self._fds[pos >> SEG_SHIFT] if found is None else -1
-        if fr is None:
-            fr = F.read_frame(fd, pos & OFF_MASK)
+            src = self._locate(self._funcs[fid], frame=True)
+        fr = src if isinstance(src, bytes) else F.read_frame(*src)
         _meta, start, n = F.parse(fr)
         return fr[start:start + n]
