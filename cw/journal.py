@@ -80,6 +80,9 @@ class Journal(Index):
         self._closed = False
         self._idle = False                # the writer waits for frames
         self._fds: dict[int, int] = {}
+        self._retired: list[int] = []     # fds of compacted-away segments (a read may race)
+        self._compacting = False
+        self._fids_since: set[bytes] = set()   # functions jobs used while compacting
         try:
             self._load()
         except BaseException:
@@ -98,11 +101,8 @@ class Journal(Index):
                 log.warning("journal %s: removing %s (an unfinished compaction)", self.path, name)
                 os.unlink(os.path.join(self.path, name))
         segs = F.list_segments(self.path)
-        base = None
-        for n in reversed(segs):
-            base = F.read_base(self.path, n)
-            if base is not None:
-                break
+        bases = [b for b in map(lambda n: F.read_base(self.path, n), segs) if b is not None]
+        base = max(bases) if bases else None       # a compacted segment kills all before it
         if base is not None:
             dead = [n for n in segs if n < base]
             for n in dead:
@@ -171,9 +171,7 @@ class Journal(Index):
                                   f"({self._disk} + {need} > {self.max_bytes})")
             for (meta, _payload), fr in zip(records, frames):
                 if self._tail + len(fr) > self.segment_bytes and self._tail > F.HEAD + 64:
-                    self._seg += 1
-                    self._tail = 0
-                    self._put(F.header_frame(self._base))
+                    self._rotate()
                 pos = self._put(fr)
                 start = F.HEAD + F.HEADER.unpack_from(fr)[2]
                 self._apply(meta, pos, fr, start, len(fr), pos + start)
@@ -181,6 +179,11 @@ class Journal(Index):
             if self._idle:                # wake the writer only if it sleeps
                 self._cond.notify_all()
             return self._seq
+
+    def _rotate(self) -> None:
+        self._seg += 1
+        self._tail = 0
+        self._put(F.header_frame(self._base))
 
     def _put(self, fr: bytes) -> int:
         pos = (self._seg << SEG_SHIFT) | self._tail
@@ -206,6 +209,8 @@ class Journal(Index):
             b = self._batches.get(batch)
             if b is None or (b.keys and key <= b.keys[-1]) or fid not in self._funcs:
                 return self.add_jobs(batch, [(key, fid, payload, options)])   # or raise there
+            if self._compacting:
+                self._fids_since.add(fid)
             return self._append([([F.K_JOBS, b.bid, 1], F.job_entry(key, fid, payload, options))],
                                 check=True)
 
@@ -232,6 +237,8 @@ class Journal(Index):
                     raise ValueError(f"batch {batch!r}: job {key} names an unknown function")
                 entries.append(F.job_entry(key, fid, payload, options))
                 last = key
+                if self._compacting:
+                    self._fids_since.add(fid)
             records += F.bulk_frames(F.K_JOBS, bid, entries)
             return self._append(records, check=True)
 
@@ -357,8 +364,9 @@ class Journal(Index):
             return self._durable
 
     def compact(self) -> int:
-        """Rewrite the live records into a new segment and delete the old ones; returns the
-        bytes given back. Blocks appends (and the caller) while it copies."""
+        """Rewrite the live records of the sealed segments into one and delete them; returns
+        the bytes given back. Blocks its caller while it copies (run it on a thread); appends
+        and reads go on meanwhile, and wait only for the final swap of positions."""
         from .journal_compact import compact
         return compact(self)
 
@@ -380,6 +388,9 @@ class Journal(Index):
                 self._cond.notify_all()
             self._thread.join(timeout=60)
             self._close_fds()
+            for fd in self._retired:
+                os.close(fd)
+            self._retired.clear()
             self._lock_file.release()
 
     def __enter__(self) -> Journal:

@@ -219,15 +219,16 @@ def test_compaction_leftovers(tmp_path):
         before = snapshot(j)
         j.compact()
         assert snapshot(j) == before
+        target, active = list_segments(path)
     for n, data in old.items():                                # a crash before the deletes
-        with open(os.path.join(path, seg_name(n)), "wb") as f:
-            f.write(data)
-    new = list_segments(path)[-1]
-    with open(os.path.join(path, seg_name(new + 1) + ".tmp"), "wb") as f:
+        if n != target:
+            with open(os.path.join(path, seg_name(n)), "wb") as f:
+                f.write(data)
+    with open(os.path.join(path, seg_name(active) + ".tmp"), "wb") as f:
         f.write(b"half a compaction" * 100)                   # a crash before a rename
     with Journal(path, segment_bytes=8192) as j:
         assert snapshot(j) == before
-    assert sorted(os.listdir(path)) == [seg_name(new)]
+    assert sorted(os.listdir(path)) == [seg_name(target), seg_name(active)]
 
 
 KILLED_COMPACTION = textwrap.dedent("""
@@ -358,3 +359,42 @@ def test_new_segment_torn_at_its_header(tmp_path, left):
         before = snapshot(j)
     with Journal(path, segment_bytes=2048) as j:
         assert snapshot(j) == before
+
+
+def test_appends_and_reads_during_compaction(tmp_path):
+    """What happens between the copy and the swap lands in the new active segment and
+    survives; a function only a job added meanwhile uses is stored again; an unused one goes."""
+    from cw.journal_compact import compact
+    path = str(tmp_path)
+    g, h = b"g" * 16, b"h" * 16
+    seen = {}
+    with Journal(path, segment_bytes=4096) as j:
+        fill(j, "keep", range(40))
+        fill(j, "drop", range(40))
+        fill(j, "late", range(5))
+        j.add_outcomes("keep", [(k, 0, b"early") for k in range(0, 40, 4)])
+        j.add_function(g, b"function g")
+        j.add_function(h, b"function h")
+        j.forget("drop")
+
+        def meanwhile():
+            assert j.read_job("keep", 3).payload.startswith(b"3:")     # old positions
+            j.add_outcomes("keep", [(k, 1, b"late") for k in range(1, 40, 4)])
+            fill(j, "keep", range(40, 50))
+            j.add_jobs("new", [(1, g, b"uses g", None)])
+            j.cancel("late")
+            j.forget("late")
+            seen.update(snapshot(j))
+
+        freed = compact(j, between=meanwhile)
+        assert freed > 0
+        assert snapshot(j) == seen
+        assert j.has_function(g) and not j.has_function(h)
+        assert j.read_function(g) == b"function g"
+    with Journal(path, segment_bytes=4096) as j:
+        assert snapshot(j) == seen and j.batches() == ["keep", "new"]
+        assert j.read_function(g) == b"function g" and not j.has_function(h)
+        assert j.status("keep") == {"jobs": 50, "queued": 30, "running": 0, "done": 10,
+                                    "failed": 10, "cancelled": 0}
+        j.compact()                                            # and once more
+        assert snapshot(j) == seen
