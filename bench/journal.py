@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -73,6 +74,44 @@ def big(d: str, n: int, size: int) -> str:
     return path
 
 
+def compaction(d: str, n: int, size: int) -> None:
+    """forget() a batch of n jobs beside a live one of n/4, then compact on a thread while this
+    thread keeps appending: the compaction's time and the longest append meanwhile."""
+    path = os.path.join(d, "compact")
+    j = Journal(path)
+    j.add_function(b"f" * 16, b"blob")
+    payload = os.urandom(size)
+    for name, count in (("gone", n), ("kept", n // 4)):
+        for k in range(0, count, 1000):
+            j.add_jobs(name, [(i, b"f" * 16, payload, None) for i in range(k, min(count, k + 1000))])
+            if j.buffered_bytes > 256 << 20:
+                j.flush()
+    j.add_outcomes("kept", [(k, 0, b"ok") for k in range(0, n // 4, 2)])
+    j.flush()
+    j.forget("gone")
+    before = j.size_bytes
+    result: list = []
+    t = time.perf_counter()
+    th = threading.Thread(target=lambda: result.append(j.compact()))
+    th.start()
+    worst, calls, k = 0.0, 0, 0
+    while th.is_alive():
+        a = time.perf_counter()
+        j.add_job("live", k, b"f" * 16, b"x" * 64)
+        worst = max(worst, time.perf_counter() - a)
+        calls, k = calls + 1, k + 1
+        if calls % 1000 == 0:
+            time.sleep(0.001)          # leave the compaction thread the GIL now and then
+    th.join()
+    dt = time.perf_counter() - t
+    j.flush()
+    print(f"compaction after forget() of {n:,} x {size} B jobs (live: {n // 4:,}): {dt:.1f} s, "
+          f"{before / 1e9:.2f} GB -> {j.size_bytes / 1e9:.2f} GB (freed {result[0] / 1e9:.2f} GB); "
+          f"{calls:,} appends meanwhile, the longest {worst * 1e3:.0f} ms")
+    j.close()
+    shutil.rmtree(path)
+
+
 REOPEN = r"""
 import os, sys, time, resource
 sys.path.insert(0, {root!r})
@@ -105,6 +144,7 @@ def main() -> None:
     d = tempfile.mkdtemp(prefix="cwjournal-", dir=a.dir)
     try:
         small(d, a.small)
+        compaction(d, a.jobs // 2, a.size)
         path = big(d, a.jobs, a.size)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for cache in ("warm page cache", "second run"):

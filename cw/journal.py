@@ -371,9 +371,10 @@ class Journal(Index):
         return compact(self)
 
     def _close_fds(self) -> None:
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._retired]:
             os.close(fd)
         self._fds.clear()
+        self._retired.clear()
 
     def close(self) -> None:
         """Flush, stop the writer thread and release the lock."""
@@ -388,9 +389,6 @@ class Journal(Index):
                 self._cond.notify_all()
             self._thread.join(timeout=60)
             self._close_fds()
-            for fd in self._retired:
-                os.close(fd)
-            self._retired.clear()
             self._lock_file.release()
 
     def __enter__(self) -> Journal:
