@@ -43,8 +43,6 @@ import re
 import socket
 import struct
 import zlib
-from collections.abc import Iterator
-
 import msgpack
 
 from .errors import JournalCorrupt, JournalLocked
@@ -139,56 +137,14 @@ def parse(buf: bytes | memoryview, off: int = 0) -> tuple[list, int, int]:
 
 
 class Scan:
-    """Iterate the frames of one segment file: ``for pos, meta in Scan(fd)``.
-
-    Stops at the end of the file or at the first bad frame; then ``good`` is the offset where
-    the valid frames end and ``error`` says what was wrong there ("" at a clean end).
-    """
+    """What a replay of one segment found (Index._replay fills it in): ``good`` is the offset
+    where the valid frames end and ``error`` says what was wrong there ("" at a clean end)."""
 
     def __init__(self, fd: int):
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.good = 0
         self.error = ""
-
-    def __iter__(self) -> Iterator[tuple[int, list]]:
-        fd, size = self.fd, self.size
-        buf = b""
-        base = 0                  # file offset of buf[0]
-        i = 0                     # position in buf
-        unpack_head = HEADER.unpack_from
-        unpackb = msgpack.unpackb
-        crc32 = zlib.crc32
-        while True:
-            pos = base + i
-            if pos == size:
-                return
-            if len(buf) - i < HEAD or len(buf) - i < 8 + unpack_head(buf, i)[0]:
-                need = HEAD if len(buf) - i < HEAD else 8 + unpack_head(buf, i)[0]
-                if pos + need > size:
-                    self.error = f"short record at {pos} ({size - pos} bytes left of file)"
-                    return
-                rest = buf[i:]
-                more = os.pread(fd, max(READ_CHUNK, need - len(rest)), pos + len(rest))
-                buf = rest + more
-                base, i = pos, 0
-                continue
-            n, crc, ml = unpack_head(buf, i)
-            if n < 4 or ml > n - 4:
-                self.error = f"bad record header at {pos}"
-                return
-            mv = memoryview(buf)
-            if crc32(mv[i + 8:i + 8 + n]) != crc:
-                self.error = f"bad checksum at {pos}"
-                return
-            try:
-                meta = unpackb(mv[i + HEAD:i + HEAD + ml], raw=False, use_list=True)
-            except Exception as e:   # a valid crc with a bad body: a bug, not a torn write
-                self.error = f"undecodable record at {pos}: {e}"
-                return
-            i += 8 + n
-            self.good = base + i
-            yield pos, meta
 
 
 def read_frame(fd: int, off: int) -> bytes:
@@ -213,16 +169,23 @@ def list_segments(path: str) -> list[int]:
 
 
 def read_base(path: str, n: int) -> int | None:
-    """The ``base`` of segment ``n``'s header record, or None if it has no valid header."""
+    """The ``base`` of segment ``n``'s header record, or None if it has no valid header (torn:
+    the replay says what is wrong with it)."""
     fd = os.open(os.path.join(path, seg_name(n)), os.O_RDONLY)
     try:
-        for _pos, meta in Scan(fd):
-            if meta[:3] == [K_HEADER, MAGIC, VERSION]:
-                return int(meta[3])
-            raise JournalCorrupt(f"{seg_name(n)} in {path} does not start with a header")
+        head = os.pread(fd, 4096, 0)
     finally:
         os.close(fd)
-    return None
+    if len(head) < HEAD:
+        return None
+    n_, crc, ml = HEADER.unpack_from(head)
+    if n_ < 4 or ml > n_ - 4 or 8 + n_ > len(head) or zlib.crc32(head[8:8 + n_]) != crc:
+        return None
+    meta = msgpack.unpackb(head[HEAD:HEAD + ml], raw=False)
+    if meta[:3] != [K_HEADER, MAGIC, VERSION]:
+        raise JournalCorrupt(f"{seg_name(n)} in {path} does not start with a cw-journal "
+                             f"version {VERSION} header")
+    return int(meta[3])
 
 
 class Lock:
