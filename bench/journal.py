@@ -113,7 +113,7 @@ def compaction(d: str, n: int, size: int) -> None:
 
 
 REOPEN = r"""
-import os, sys, time, resource
+import os, sys, time
 sys.path.insert(0, {root!r})
 t = time.perf_counter()
 from cw.journal import Journal
@@ -125,11 +125,10 @@ t2 = time.perf_counter()
 n = sum(1 for _ in j.pending("sweep"))
 t3 = time.perf_counter()
 st = j.status("sweep")
-statm = open("/proc/self/statm").read().split()
-print(f"reopen: {{t1 - t:.2f}} s to open (recovery scan), {{t2 - t1:.4f}} s to the first pending "
-      f"job, {{t3 - t2:.2f}} s to walk {{n:,}} pending keys; status {{st}}; RSS "
-      f"{{int(statm[1]) * os.sysconf('SC_PAGE_SIZE') / 1e6:.0f}} MB, peak "
-      f"{{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3:.0f}} MB")
+mem = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(f"reopen: {{t1 - t:.2f}} s to open (recovery scan, imports included), {{t2 - t1:.4f}} s to "
+      f"the first pending job, {{t3 - t2:.2f}} s to walk {{n:,}} pending keys; status {{st}}; "
+      f"RSS {{mem['VmRSS'].strip()}}, peak {{mem['VmHWM'].strip()}}")
 j.close()
 """
 
