@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -338,7 +337,6 @@ def test_forget_and_unknown(tmp_path):
         assert j.status("a")["jobs"] == 3
     with Journal(str(tmp_path)) as j:
         assert j.batches() == ["b", "a"] and j.status("a")["jobs"] == 3
-    shutil.rmtree(str(tmp_path))
 
 
 @pytest.mark.parametrize("left", [0, 5])
