@@ -12,7 +12,12 @@
      ├── MasterLost           the master went silent for longer than the client tolerates
      ├── WorkerLost           the job's worker died (too many times); names the workers
      ├── QuotaExceeded        the master refused a job: its client holds too much there
-     └── JobTimeout           the job ran past its deadline (also a TimeoutError)
+     ├── JobTimeout           the job ran past its deadline (also a TimeoutError)
+     ├── UnknownBatch         no batch of that name (also a LookupError)
+     └── JournalError         the master's journal (cw/journal.py) failed
+          ├── JournalCorrupt  a bad record where no crash could have left one
+          ├── JournalFull     an append would pass the journal's max_bytes
+          └── JournalLocked   another live process writes this journal
     RemoteTraceback           the remote traceback, chained as __cause__ of a re-raised error
 """
 from __future__ import annotations
@@ -117,6 +122,26 @@ class QuotaExceeded(CwError):
 
 class JobTimeout(CwError, TimeoutError):
     """The job ran longer than the deadline it was submitted with."""
+
+
+class UnknownBatch(CwError, LookupError):
+    """No batch of this name exists (it was never created, or it was forgotten)."""
+
+
+class JournalError(CwError):
+    """The master's journal could not do what was asked (see the subclasses)."""
+
+
+class JournalCorrupt(JournalError):
+    """The journal holds a bad record where no crash could have left one (not its tail)."""
+
+
+class JournalFull(JournalError):
+    """An append would take the journal past its ``max_bytes``; nothing of it was accepted."""
+
+
+class JournalLocked(JournalError):
+    """Another live process holds the journal's single-writer lock."""
 
 
 class RemoteTraceback(Exception):
