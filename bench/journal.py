@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cw.journal import Journal
+from cw.master.journal import Journal
 
 
 def rss_mb() -> float:
@@ -116,7 +116,7 @@ REOPEN = r"""
 import os, sys, time
 sys.path.insert(0, {root!r})
 t = time.perf_counter()
-from cw.journal import Journal
+from cw.master.journal import Journal
 j = Journal({path!r})
 t1 = time.perf_counter()
 first = next(j.pending("sweep"))

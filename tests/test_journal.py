@@ -16,8 +16,8 @@ import time
 import pytest
 
 from cw.errors import JournalCorrupt, JournalFull, JournalLocked, UnknownBatch
-from cw.journal import CANCELLED, DONE, FAILED, QUEUED, Journal
-from cw.journal_format import list_segments, seg_name
+from cw.master.journal import CANCELLED, DONE, FAILED, QUEUED, Journal
+from cw.master.journal.format import list_segments, seg_name
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FID = b"f" * 16
@@ -233,7 +233,7 @@ def test_compaction_leftovers(tmp_path):
 KILLED_COMPACTION = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {root!r})
-    from cw.journal import Journal
+    from cw.master.journal import Journal
     point = sys.argv[1]
     real_rename, real_unlink = os.rename, os.unlink
     def die():
@@ -275,7 +275,7 @@ def test_compaction_killed(tmp_path, point):
 WRITER = textwrap.dedent("""
     import bisect, os, sys
     sys.path.insert(0, {root!r})
-    from cw.journal import Journal
+    from cw.master.journal import Journal
     seqs = []                  # seqs[k]: the seq that covers job k and the outcome of job k-10
     def durable(seq):
         k = bisect.bisect_right(seqs, seq) - 1
@@ -362,7 +362,7 @@ def test_new_segment_torn_at_its_header(tmp_path, left):
 def test_appends_and_reads_during_compaction(tmp_path):
     """What happens between the copy and the swap lands in the new active segment and
     survives; a function only a job added meanwhile uses is stored again; an unused one goes."""
-    from cw.journal_compact import compact
+    from cw.master.journal.compact import compact
     path = str(tmp_path)
     g, h = b"g" * 16, b"h" * 16
     seen = {}

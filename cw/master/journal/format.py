@@ -45,7 +45,7 @@ import struct
 import zlib
 import msgpack
 
-from .errors import JournalCorrupt, JournalLocked
+from cw.errors import JournalCorrupt, JournalLocked
 
 log = logging.getLogger(__name__)
 

@@ -42,9 +42,9 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 
-from . import journal_format as F
-from .errors import JournalCorrupt, JournalError, JournalFull
-from .journal_index import (CANCELLED, DONE, FAILED, QUEUED, SEG_SHIFT, Index, Job,
+from cw.master.journal import format as F
+from cw.errors import JournalCorrupt, JournalError, JournalFull
+from cw.master.journal.index import (CANCELLED, DONE, FAILED, QUEUED, SEG_SHIFT, Index, Job,
                             Outcome)
 
 __all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "Job", "Journal", "Outcome"]
@@ -367,7 +367,7 @@ class Journal(Index):
         """Rewrite the live records of the sealed segments into one and delete them; returns
         the bytes given back. Blocks its caller while it copies (run it on a thread); appends
         and reads go on meanwhile, and wait only for the final swap of positions."""
-        from .journal_compact import compact
+        from cw.master.journal.compact import compact
         return compact(self)
 
     def _close_fds(self) -> None:

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from . import journal_format as F
-from .errors import JournalError
-from .journal_index import OFF_MASK, SEG_SHIFT
+from cw.master.journal import format as F
+from cw.errors import JournalError
+from cw.master.journal.index import OFF_MASK, SEG_SHIFT
 
 if TYPE_CHECKING:
-    from .journal import Journal
-    from .journal_index import _Batch
+    from cw.master.journal.store import Journal
+    from cw.master.journal.index import _Batch
 
 log = logging.getLogger(__name__)
 

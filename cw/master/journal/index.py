@@ -17,8 +17,8 @@ from typing import NamedTuple
 
 import msgpack
 
-from . import journal_format as F
-from .errors import JournalCorrupt, UnknownBatch
+from cw.master.journal import format as F
+from cw.errors import JournalCorrupt, UnknownBatch
 
 QUEUED, DONE, FAILED, CANCELLED = 0, 1, 2, 3
 SEG_SHIFT = 40
