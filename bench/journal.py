@@ -1,4 +1,4 @@
-"""Benchmark of the master's journal (cw/journal.py), issue 14.
+"""Benchmark of the master's journal (cw/master/journal/store.py), issue 14.
 
     python bench/journal.py [--jobs 1000000] [--size 1024] [--small 200000] [--dir DIR]
 

@@ -14,7 +14,7 @@
      ├── QuotaExceeded        the master refused a job: its client holds too much there
      ├── JobTimeout           the job ran past its deadline (also a TimeoutError)
      ├── UnknownBatch         no batch of that name (also a LookupError)
-     └── JournalError         the master's journal (cw/journal.py) failed
+     └── JournalError         the master's journal (cw/master/journal/store.py) failed
           ├── JournalCorrupt  a bad record where no crash could have left one
           ├── JournalFull     an append would pass the journal's max_bytes
           └── JournalLocked   another live process writes this journal

@@ -1,4 +1,4 @@
-"""The master's journal (cw/journal.py) on real files: recovery of torn and corrupt tails,
+"""The master's journal (cw/master/journal/store.py) on real files: recovery of torn and corrupt tails,
 the single-writer lock, max_bytes, compaction that survives a crash at every step, and a
 writer SIGKILLed mid-run that keeps every record it was told was durable."""
 from __future__ import annotations
@@ -123,7 +123,7 @@ def test_truncated_last_write_is_dropped(tmp_path, caplog, cut):
     full = os.path.getsize(seg)
     keep = good + cut if cut > 0 else full + cut
     os.truncate(seg, keep)
-    with caplog.at_level(logging.WARNING, logger="cw.journal"):
+    with caplog.at_level(logging.WARNING, logger="cw.master.journal.store"):
         j = Journal(path)
     assert f"dropping the last {keep - good} bytes" in caplog.text
     assert snapshot(j) == before and os.path.getsize(seg) == good

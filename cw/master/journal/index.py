@@ -1,4 +1,4 @@
-"""The journal's RAM index (cw/journal.py): what each record of a segment changes.
+"""The journal's RAM index (cw/master/journal/store.py): what each record of a segment changes.
 
 Per batch only compact arrays: keys, the position of each job's and each outcome's frame
 (segment << 40 | offset of its entry in a bulk frame) and one state byte per job: 25 bytes a

@@ -2,7 +2,7 @@
 
 Safe on NFS/Lustre with one writer: plain files written with pwrite + fsync, no mmap, no
 shared memory, no SQLite; a LOCK file (O_CREAT|O_EXCL) keeps a second writer out. Format
-(details in cw/journal_format.py)::
+(details in cw/master/journal/format.py)::
 
     PATH/seg-00000001.log  seg-00000002.log ...  (numbered; only the last one is appended to)
     segment = header frame, frame, frame, ...
