@@ -37,7 +37,7 @@ def test_cw_imports_no_private_names_of_the_standard_library():
     """Private helpers come and go between CPython versions (3.13 removed
     concurrent.futures.process._get_chunks, which cw once imported)."""
     offences = []
-    for path in sorted((ROOT / "cw").glob("*.py")):
+    for path in sorted((ROOT / "cw").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.level == 0:
                 modules = [node.module]
