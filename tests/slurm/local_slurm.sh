@@ -156,6 +156,8 @@ EOF
 # run as host $1 with $2 on /etc/hosts, then exec the rest (in a fresh UTS + mount namespace)
 NS_HOST='hostname "$1" && mount --bind "$2" /etc/hosts && shift 2 && exec "$@"'
 
+FORWARD_RULE=(-i "$BRIDGE" -o "$BRIDGE" -j ACCEPT)
+
 ns_of() { echo "$BRIDGE-${1#"$PREFIX"}"; }   # cwnode2 -> cwslurm78-2
 
 setup_network() {
@@ -177,6 +179,11 @@ setup_network() {
         ip -n "$ns" link set lo up
         k=$((k + 1))
     done
+    # bridged packets go through iptables' FORWARD when br_netfilter is on, and dockerd
+    # sets that chain's policy to DROP: let the nodes' traffic pass (removed by stop)
+    if command -v iptables >/dev/null && ! iptables -C FORWARD "${FORWARD_RULE[@]}" 2>/dev/null; then
+        iptables -I FORWARD "${FORWARD_RULE[@]}" 2>/dev/null || log "cannot add an iptables FORWARD rule (nodes may not reach each other if FORWARD drops)"
+    fi
     remove_hosts_lines
     k=2; for n in "${EXTRA_NODES[@]}"; do echo "$SUBNET.$k $n $HOSTS_MARK" >> /etc/hosts; k=$((k + 1)); done
 }
@@ -200,6 +207,9 @@ teardown_network() {
         ip netns del "$ns" 2>/dev/null || true
     done
     if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE"; fi
+    if command -v iptables >/dev/null; then
+        while iptables -D FORWARD "${FORWARD_RULE[@]}" 2>/dev/null; do :; done
+    fi
     remove_hosts_lines
     return 0
 }
