@@ -11,7 +11,10 @@
     ./slurm.py stop: SIGINT through srun to ``docker run`` (it proxies signals) to the worker;
         --rm removes the container: ``docker ps -a`` shows none of the image
 
-Skipped with the reason when SLURM or docker (a running dockerd) is missing.
+The test SLURM's nodes share this machine's one dockerd, so a container of a worker job on
+a namespaced node (cwnode2) still lives in the machine's network and UTS namespaces
+(--network=host): it reaches the master by the machine's /etc/hosts. Skipped with the
+reason when SLURM or docker (a running dockerd) is missing.
 """
 from __future__ import annotations
 
