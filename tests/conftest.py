@@ -10,16 +10,17 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cw.status import status  # noqa: E402
 from hosts import read_line, stop_group  # noqa: E402  (tests/hosts.py)
+
+from cw.status import status  # noqa: E402
 
 # fast failure detection for tests (the defaults are 1 s / 10 s)
 HB = ["--heartbeat-interval", "0.2", "--heartbeat-timeout", "2"]

@@ -29,8 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBNET = "10.77"  # a private range that exists only on the rig's bridge

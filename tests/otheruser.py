@@ -25,8 +25,8 @@ import subprocess
 import time
 import traceback
 import uuid
-from typing import Any
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 

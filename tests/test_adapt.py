@@ -3,8 +3,18 @@ from __future__ import annotations
 
 import pytest
 
-from cw.launch.adapt import (Decision, Demand, Limits, WorkerView, decide, draining, leaving,
-                      replace_at, takes, wanted)
+from cw.launch.adapt import (
+    Decision,
+    Demand,
+    Limits,
+    WorkerView,
+    decide,
+    draining,
+    leaving,
+    replace_at,
+    takes,
+    wanted,
+)
 
 NOW = 1_000_000.0
 

@@ -19,12 +19,11 @@ import urllib.request
 from html.parser import HTMLParser
 
 import pytest
+from conftest import wait_for
 
 from cw import master as cw_master
 from cw.client import ClusterExecutor
 from cw.dashboard import Throughput
-
-from conftest import wait_for
 
 JOBS = 40
 

@@ -18,13 +18,12 @@ import uuid
 
 import pytest
 import zmq
-
-from cw import protocol as P
-from cw import security
-from cw.errors import WorkerLost
-
 from conftest import gated, wait_for
 from test_faults import busy_worker, client_script, executor, run_client, worker_pids
+
+from cw import protocol as P
+from cw.conn import security
+from cw.errors import WorkerLost
 
 DEFAULT_HB = ["--heartbeat-interval", "1", "--heartbeat-timeout", "10"]  # the defaults
 

@@ -15,12 +15,10 @@ import weakref
 from functools import partial
 
 import pytest
-
-from cw import session
-from cw.client import ClusterExecutor
-from cw.errors import MasterUnreachable, RemoteException, SerializationError
-
 from conftest import gated, wait_for
+
+from cw.client import ClusterExecutor, session
+from cw.errors import MasterUnreachable, RemoteException, SerializationError
 
 
 def test_map_squares_with_a_lambda(cluster):

@@ -19,11 +19,10 @@ import time
 
 import psutil
 import pytest
+from conftest import HB, gated, wait_for
 
 from cw.client import ClientThread, ClusterExecutor
 from cw.errors import JobTimeout, WorkerLost
-
-from conftest import HB, gated, wait_for
 
 HB_TIMEOUT = float(HB[HB.index("--heartbeat-timeout") + 1])
 # the master notices a silent worker within its timeout plus a tick or two; a slow CI

@@ -20,16 +20,15 @@ import uuid
 
 import pytest
 import zmq
+from conftest import wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_faults import executor
 
 from cw import protocol as P
-from cw import security
 from cw.client import ClusterExecutor
+from cw.conn import security
 from cw.errors import CwError
-
-from conftest import wait_for
-from test_faults import executor
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -14,10 +14,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import HB, wait_for
 import hosts
+import pytest
+from conftest import HB, wait_for
 
 HB_TIMEOUT = float(HB[HB.index("--heartbeat-timeout") + 1])
 

@@ -16,14 +16,13 @@ import time
 
 import psutil
 import pytest
-
-from cw import lane
-from cw.client import ClientThread, ClusterExecutor
-from cw.errors import WorkerLost
-
 from conftest import gated, wait_for
-from test_faults import NOTICE, exit_once, exit_worker, executor
+from test_faults import NOTICE, executor, exit_once, exit_worker
 from test_soak import KILL_EVERY
+
+from cw.client import ClientThread, ClusterExecutor
+from cw.conn import lane
+from cw.errors import WorkerLost
 
 
 def pid_of(_=None) -> int:

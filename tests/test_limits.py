@@ -16,14 +16,14 @@ import time
 import psutil
 import pytest
 import zmq
+from conftest import wait_for
 
 from cw import protocol as P
-from cw import security, serialize
+from cw import serialize
 from cw.client import ClusterExecutor
+from cw.client.session import decode_outcome
+from cw.conn import security
 from cw.errors import QuotaExceeded
-from cw.session import decode_outcome
-
-from conftest import wait_for
 
 MB = 1 << 20
 

@@ -11,12 +11,11 @@ import stat
 
 import pytest
 import zmq
+from conftest import gated, wait_for
 
-from cw import lane, security
 from cw import protocol as P
 from cw.client import ClusterExecutor
-
-from conftest import gated, wait_for
+from cw.conn import lane, security
 
 
 def connection_file(cw_home) -> tuple:

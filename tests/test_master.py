@@ -9,13 +9,12 @@ import uuid
 import msgpack
 import pytest
 import zmq
+from conftest import Master, gated, wait_for
 
 from cw import protocol as P
-from cw import security
 from cw.client import ClientThread, ClusterExecutor
+from cw.conn import security
 from cw.errors import ProtocolError
-
-from conftest import Master, gated, wait_for
 
 
 def dealer(master):

@@ -12,14 +12,14 @@ import subprocess
 import sys
 
 import pytest
-
-from cw import address, mp
-from cw.client import ClusterExecutor
-from cw.launch import LaunchError
-from cw.status import status
-
 from conftest import wait_for
 from slurm_conftest_helpers import ROOT, alive, pids_of
+
+from cw.client import ClusterExecutor
+from cw.conn import address
+from cw.errors import LaunchError
+from cw.launch import local as mp
+from cw.status import status
 
 pytestmark = pytest.mark.timeout(60)
 

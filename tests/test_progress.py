@@ -14,7 +14,7 @@ import pytest
 
 from cw import progress as cw_progress
 from cw.client import ClusterExecutor
-from cw.progress import as_completed, map_bar, progress
+from cw.client.progress import as_completed, map_bar, progress
 
 pytest.importorskip("tqdm", reason="progress bars need tqdm: pip install 'cw[progress]'")
 

@@ -10,8 +10,8 @@ import msgpack
 import pytest
 import zmq
 
-from cw import lane
 from cw import protocol as P
+from cw.conn import lane
 from cw.errors import ProtocolError
 
 D = b"d" * 16

@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 
 from cw import protocol as P
-from cw import scheduler as S
 from cw.errors import ProtocolError, QuotaExceeded, WorkerLost
+from cw.master import scheduler as S
 from cw.serialize import loads
 
 F = b"f" * 16           # a function digest

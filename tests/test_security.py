@@ -22,14 +22,15 @@ from pathlib import Path
 
 import pytest
 import zmq
-
-from cw import address, mp, security, serialize
-from cw import protocol as P
-from cw.client import ClusterExecutor
-from cw.errors import MasterUnreachable, NoKeys, SecurityError
-from cw.status import status
-
 from conftest import gated, wait_for
+
+from cw import protocol as P
+from cw import serialize
+from cw.client import ClusterExecutor
+from cw.conn import address, security
+from cw.errors import MasterUnreachable, NoKeys, SecurityError
+from cw.launch import local as mp
+from cw.status import status
 
 
 def hello_from(master, keys, role="client", info=None):

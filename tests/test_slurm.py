@@ -12,15 +12,13 @@ import subprocess
 import sys
 
 import pytest
+from slurm_conftest_helpers import ROOT, parent_of, pids_of, processes_with_env, slurm_problem
 
 import cw
 from cw import address, launch, slurm
 from cw.client import ClusterExecutor
-from cw.errors import MasterNotFound
-from cw.launch import LaunchError
+from cw.errors import LaunchError, MasterNotFound
 from cw.status import status
-
-from slurm_conftest_helpers import ROOT, parent_of, pids_of, processes_with_env, slurm_problem
 
 _problem = slurm_problem()
 needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")

@@ -27,13 +27,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
-from cw import slurm
-from cw.client import ClusterExecutor
-from cw.status import status
-
 from conftest import wait_for
 from slurm_conftest_helpers import ROOT, processes_with_env, slurm_problem
+
+from cw.client import ClusterExecutor
+from cw.launch import slurm
+from cw.status import status
 
 IMAGE = f"cw-test-python:{os.getpid()}"
 

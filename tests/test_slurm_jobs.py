@@ -17,13 +17,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-
-from cw.launch import slurm, slurm_jobs
-from cw.client import ClusterExecutor
-from cw.launch.slurm_jobs import (Poller, Snapshot, allocation_end, cancel, parse_squeue,
-                           poll_forever, submit_workers)
-
 from slurm_conftest_helpers import slurm_problem
+
+from cw.client import ClusterExecutor
+from cw.launch import slurm, slurm_jobs
+from cw.launch.slurm_jobs import (
+    Poller,
+    Snapshot,
+    allocation_end,
+    cancel,
+    parse_squeue,
+    poll_forever,
+    submit_workers,
+)
 
 _problem = slurm_problem()
 needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")

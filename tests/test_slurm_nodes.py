@@ -18,12 +18,12 @@ import sys
 import time
 
 import pytest
-
-from cw import address, local, slurm
-from cw.client import ClusterExecutor
-from cw.status import status
-
 from slurm_conftest_helpers import ROOT, processes_with_env, slurm_problem
+
+from cw.client import ClusterExecutor
+from cw.conn import address, local
+from cw.launch import slurm
+from cw.status import status
 
 
 def _nodes() -> list[str]:

@@ -19,7 +19,6 @@ import time
 
 import psutil
 import pytest
-
 from conftest import wait_for
 from test_faults import client_script, run_client
 

@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, wait_for
 
 from cw.client import ClusterExecutor
-from cw.ssh import HostSpec, SshError, parse_hosts, parse_ports, ssh_command, ssh_options
-
-from conftest import ROOT, wait_for
+from cw.launch.ssh import HostSpec, SshError, parse_hosts, parse_ports, ssh_command, ssh_options
 
 SSHD = "/usr/sbin/sshd"
 
