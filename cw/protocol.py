@@ -23,10 +23,10 @@ A node's supervisor has a connection of its own (role "supervisor") to report de
 Jobs are batched: one SUBMIT, JOBS or RESULTS message carries any number of jobs.
 A function travels once per (client, worker) pair; afterwards jobs name it by digest.
 
-The lane (same machine only, see cw.lane): once the master has sent a client's job to a worker
+The lane (same machine only, see cw.conn.lane): once the master has sent a client's job to a worker
 on the client's machine, it tells the client that worker's lane socket. A lone job (nothing
 else in flight) then goes straight there and its result straight back: 2 hops, not 4. Lane
-messages use the same headers and frames, on plain Unix sockets (cw.lane frames them)::
+messages use the same headers and frames, on plain Unix sockets (cw.conn.lane frames them)::
 
     master --LANE path cid--> client            master --LANE_LOST path why graceful--> client
     client --LJOB cid seq digest n inbox blob?--> worker lane (its lane thread)
@@ -91,8 +91,8 @@ STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
 
 ROLES = ("client", "worker", "supervisor", "status")
 
-# a client's byte window: argument bytes it keeps at the master (cw.session holds back the
-# rest); the master enforces twice that (cw.scheduler), so only a client gone rogue meets it
+# a client's byte window: argument bytes it keeps at the master (cw.client.session holds back the
+# rest); the master enforces twice that (cw.master.scheduler), so only a client gone rogue meets it
 WINDOW_PER_WORKER = 24 << 20   # per worker connected to the master
 WINDOW_MIN = 32 << 20
 

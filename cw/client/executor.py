@@ -69,7 +69,7 @@ def _notify(future: Future) -> bool:
 class ClusterExecutor(Executor):
     """A ``concurrent.futures.Executor`` whose calls run on cw workers.
 
-    ``host``/``port`` name the master (``host=None``: see ``cw.address.resolve``).
+    ``host``/``port`` name the master (``host=None``: see ``cw.conn.address.resolve``).
     Construction fails with ``MasterUnreachable`` if no master answers within
     ``connect_timeout`` seconds (``NoKeys``, a subclass, if this user has no connection
     file with its keys); pending futures fail with ``MasterLost`` if the master is

@@ -28,7 +28,7 @@ A sender is an ``Outlets``: one thread's connections, each send bounded by a tim
 send that fails closes the connection; the client's inbox sees it close, and what was on
 that worker's lane goes through the master (at LANE_LOST, or after a grace if the worker
 lives on). So a stuck or vanished peer costs a resend, never a hang. Sockets live in the
-same private directory as the master's local socket (cw.local): only the user can connect
+same private directory as the master's local socket (cw.conn.local): only the user can connect
 to them. Both ends check that: ``connect`` goes only to a socket ``local.trusted`` vouches
 for and whose listener runs as this user, and a listener closes at once a connection from
 any other user (``SO_PEERCRED``).

@@ -195,7 +195,7 @@ class Connection:
     def listen(self, kind: str, handler: Callable[[list], None],
                on_close: Callable[[str], None] = lambda peer: None) -> str | None:
         """Listen on a Unix socket in the private directory, read by a thread of its own
-        (cw.lane.Listener); return its path, or None if there can be none here."""
+        (cw.conn.lane.Listener); return its path, or None if there can be none here."""
         try:
             listener = lane.Listener(kind, handler, self.log, on_close)
         except OSError as exc:

@@ -22,7 +22,7 @@
 Every file is 0600 in folders of mode 0700, on the (usually shared) home directory, so every
 process of that user on the cluster can join and nobody else can. A client file lets its
 holder be a client, not a worker, and never lets it pose as the master. ``route_for``
-prefers the master's private Unix socket when it runs on this machine (see ``cw.local``);
+prefers the master's private Unix socket when it runs on this machine (see ``cw.conn.local``);
 there any process of the user is trusted in any role. ``--insecure`` runs plain TCP for
 experiments on loopback, with a warning.
 """

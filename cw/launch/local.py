@@ -195,7 +195,7 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
 
     Returns once the master answers and the workers have registered. ``port`` is the
     master's (default 5494; 0 picks a free one); with ``master=False`` the workers join
-    the master that ``host``/``port`` name (see ``cw.address.resolve``). ``bind`` is the
+    the master that ``host``/``port`` name (see ``cw.conn.address.resolve``). ``bind`` is the
     address the master binds. Raises LaunchError naming what did not come up, after
     stopping whatever this call had started.
     """
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None,
                         help=f"the master's port (default {DEFAULT_PORT}; 0: a free one)")
     parser.add_argument("--host", default=None,
-                        help="with -M: the master the workers join (default: cw.address)")
+                        help="with -M: the master the workers join (default: cw.conn.address)")
     parser.add_argument("--bind", default="*", help="address the master binds (default all)")
     parser.add_argument("--timeout", type=float, default=START_TIMEOUT,
                         help="seconds start waits for the master and workers")

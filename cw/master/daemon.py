@@ -2,7 +2,7 @@
 
     peers on other machines (DEALER) --tcp, CurveZMQ--> ROUTER --.
     peers on this machine --ipc, a private Unix socket--> ROUTER --+--> Master.on_message
-                                   (cw.local)                        | parse, check role
+                                   (cw.conn.local)                        | parse, check role
                                                                  v
                           PeriodicCallback(tick) ----------> Scheduler (all routing state)
                           heartbeats out, silent peers out       | flush() after every batch
@@ -128,7 +128,7 @@ class Master:
         return router(self.ctx, self.max_message_size, self.handshake_timeout)
 
     def _bind_local(self) -> None:
-        """The same-machine socket (see cw.local): no keys, its directory is private."""
+        """The same-machine socket (see cw.conn.local): no keys, its directory is private."""
         endpoint = local.endpoint_for(self.bind_host, self.port)
         if endpoint is None:
             return

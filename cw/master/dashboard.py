@@ -1,7 +1,7 @@
 """A read-only web dashboard served by the master itself: ``--dashboard PORT``.
 
     master's IOLoop (the only thread that touches the Scheduler)
-      Master.throughput (cw.throughput, sampled by the master every second)
+      Master.throughput (cw.master.throughput, sampled by the master every second)
       GET /             --> PAGE: one self-contained HTML page (inline CSS + JS, no assets)
       GET /status.json  --> Scheduler.status(now) + throughput_last_minute + series
                                  ^
