@@ -32,15 +32,16 @@ master once; jobs afterwards name it by digest. Results arriving twice are dropp
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import os
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from cw import protocol as P
@@ -94,7 +95,7 @@ class Session:
         self.master_has: set[bytes] = set()       # digests sent (under lock; cleared past
         # DIGESTS_KEPT, so millions of distinct partials cost no memory here: a function in
         # use is then sent to the master once more, which ships it to a worker once still)
-        self.cancels: dict[int, list] = {}        # seq -> [event, answer]
+        self.cancels: dict[int, asyncio.Future] = {}  # seq -> its answer (I/O thread only)
         self.seqs = itertools.count(1)
         self.closed = False
         self.lane = LaneClient(self)  # lone jobs straight to a worker on this machine
@@ -166,7 +167,7 @@ class Session:
     def cancel(self, seqs: Iterable[int], timeout: float = 10.0) -> dict[int, bool]:
         """Cancel jobs; a job maps to True only if it was removed before it started."""
         answers: dict[int, bool] = {}
-        asked: dict[int, list] = {}
+        asked: list[int] = []
         with self.lock:
             unsent = {j.seq for j in self.unsent} | {j.seq for j in self.held}
             for seq in seqs:
@@ -176,7 +177,7 @@ class Session:
                     answers[seq] = False  # on its way to a worker, or running there
                 elif seq in self.jobs and not self.conn.in_io_thread() and \
                         self.deliverer != threading.get_ident():  # (a callback can't wait)
-                    asked[seq] = self.cancels.setdefault(seq, [threading.Event(), False])
+                    asked.append(seq)
                 else:
                     answers[seq] = False
             if unsent & answers.keys():
@@ -187,8 +188,7 @@ class Session:
                 if self._admit():
                     self._ask_flush()
         if asked:
-            self.conn.call(self.conn.send, [P.pack(P.CANCEL, list(asked))])
-            answers.update(self._answers(asked, timeout))
+            answers.update(self._ask_master(asked, False, timeout))
         return answers
 
     def cancel_queued(self, timeout: float = 10.0) -> dict[int, bool]:
@@ -201,27 +201,38 @@ class Session:
             for job in self.held:
                 self._settled(self.jobs.pop(job.seq))
             self.held.clear()
-            asked = {seq: self.cancels.setdefault(seq, [threading.Event(), False])
-                     for seq in self.jobs if seq not in self.lane.jobs}
+            asked = [seq for seq in self.jobs if seq not in self.lane.jobs]
         if asked and not self.conn.in_io_thread():
-            self.conn.call(self._send_cancel_queued, list(asked))
-            answers.update(self._answers(asked, timeout))
+            answers.update(self._ask_master(asked, True, timeout))
         return answers
 
-    def _send_cancel_queued(self, seqs: list) -> None:
-        self.flush()  # what is unsent goes first, so the master can feed idle workers
-        self.conn.send([P.pack(P.CANCEL, seqs, True)])
+    def _ask_master(self, seqs: list[int], queued_only: bool, timeout: float
+                    ) -> dict[int, bool]:
+        """Run the cancel round trip on the I/O thread and wait for its answers (all False
+        if the connection is gone meanwhile)."""
+        try:
+            return self.conn.run(self._cancel_round_trip(seqs, queued_only, timeout),
+                                 timeout + 5.0)
+        except (FutureTimeout, TimeoutError, RuntimeError):
+            return dict.fromkeys(seqs, False)
 
-    def _answers(self, asked: dict[int, list], timeout: float) -> dict[int, bool]:
-        """Wait (``timeout`` seconds in all) for the master's cancel answers; False if none.
-        From then on a late answer settles its job itself (``_cancelled``)."""
-        deadline = time.monotonic() + timeout
+    async def _cancel_round_trip(self, seqs: list[int], queued_only: bool, timeout: float
+                                 ) -> dict[int, bool]:
+        """CANCEL to the master, then its answers: True only for a job removed before it
+        started. One not answered within ``timeout`` is False; its late answer then settles
+        the job itself (``_cancelled``)."""
+        loop = asyncio.get_running_loop()
+        waiting = {seq: self.cancels.setdefault(seq, loop.create_future()) for seq in seqs}
+        if queued_only:
+            self.flush()  # what is unsent goes first, so the master can feed idle workers
+        self.conn.send([P.pack(P.CANCEL, seqs, True)] if queued_only else
+                       [P.pack(P.CANCEL, seqs)])
+        await asyncio.wait(list(waiting.values()), timeout=timeout)
         answers = {}
-        for seq, waiter in asked.items():
-            waiter[0].wait(max(0.0, deadline - time.monotonic()))
-            with self.lock:
-                answers[seq] = waiter[1]
-                waiter[0].set()
+        for seq, answer in waiting.items():
+            answers[seq] = answer.done() and not answer.cancelled() and answer.result()
+            if not answer.done():
+                answer.cancel()  # the asker gave up: a late answer settles the job
         return answers
 
     def close(self) -> None:
@@ -313,23 +324,24 @@ class Session:
                 self.flush()
 
     def _cancelled(self, answers: list) -> None:
-        """Answers to our CANCELs; one we never asked for is ignored (it would drop a job
-        whose future then never settles). A job cancelled after its asker stopped waiting
-        is settled with CancelledError."""
+        """Answers to our CANCELs (I/O thread); one we never asked for is ignored (it would
+        drop a job whose future then never settles). A job cancelled after its asker
+        stopped waiting is settled with CancelledError."""
         late = []
         for seq, ok in answers:
+            answer = self.cancels.pop(seq, None)
+            if answer is None:
+                log.warning("ignored a cancel answer for job %r that we did not ask for", seq)
+                continue
             with self.lock:
-                waiter = self.cancels.pop(seq, None)
-                job = self.jobs.pop(seq, None) if ok and waiter is not None else None
+                job = self.jobs.pop(seq, None) if ok else None
                 if job is not None:
                     self._settled(job)
-                if waiter is not None:
-                    waiter[1] = bool(ok)
-                    if waiter[0].is_set() and job is not None:  # the asker gave up waiting
-                        late.append(job)
-                    waiter[0].set()
-            if waiter is None:
-                log.warning("ignored a cancel answer for job %r that we did not ask for", seq)
+            if answer.done():  # the asker gave up waiting
+                if job is not None:
+                    late.append(job)
+            else:
+                answer.set_result(bool(ok))
         if late:
             with self.delivering:
                 for job in late:
@@ -346,8 +358,9 @@ class Session:
             self.unsent = sorted((j for j in self.jobs.values() if not j.held),
                                  key=lambda j: j.seq)
             waiters, self.cancels = self.cancels, {}
-        for waiter in waiters.values():
-            waiter[0].set()  # unknown: answer "not cancelled"
+        for answer in waiters.values():
+            if not answer.done():
+                answer.set_result(False)  # unknown: answer "not cancelled"
         log.warning("master restarted; resubmitting %d unfinished jobs", len(self.unsent))
         self.flush()
 

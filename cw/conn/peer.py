@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import zmq
 from tornado.ioloop import IOLoop
@@ -41,6 +42,7 @@ from cw.conn.zloop import SocketLoop
 from cw.defaults import DEFAULT_CONNECT_TIMEOUT
 from cw.errors import MasterUnreachable, NoKeys, ProtocolError, TooLarge
 
+T = TypeVar("T")
 KEYS_POLL = 0.2  # seconds between looks for a master's connection file
 LOCAL_RECONNECT_MS = 30_000  # zmq's own reconnect on the local socket (we redial first)
 
@@ -150,6 +152,16 @@ class Connection:
         """Run ``fn(*args)`` in the I/O thread (thread-safe, returns at once)."""
         assert self.loop is not None, "call() before open()"
         self.loop.add_callback(fn, *args)
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        """Run a coroutine on the I/O thread's loop and wait (``timeout`` s) for its result:
+        for a flow that waits on the master (a cancel round trip). Raises TimeoutError, or
+        RuntimeError if the connection is closed."""
+        if self.loop is None or self._closing:
+            coro.close()
+            raise RuntimeError("the connection is closed")
+        loop = self.loop.asyncio_loop  # type: ignore[attr-defined]  # tornado's AsyncIOLoop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     def in_io_thread(self) -> bool:
         return threading.current_thread() is self._thread
