@@ -6,12 +6,15 @@ waits that make ``start`` return only once the master answers and the workers re
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from cw.errors import LaunchError, MasterUnreachable
 
@@ -59,16 +62,25 @@ def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
     ``check`` is called between polls and may raise to fail early (e.g. a process died).
     Raises LaunchError naming the master or the missing workers after ``timeout`` seconds.
     """
+    return run_sync(until_up(host, port, nworkers, timeout, known, check))
+
+
+async def until_up(host: str, port: int, nworkers: int, timeout: float,
+                   known: frozenset = frozenset(),
+                   check: Callable[[], object] | None = None) -> dict:
+    """``wait_until_up`` as a coroutine: ask (in a thread: a status round trip blocks),
+    check, back off, until the master and the workers are there or the time is up."""
     from cw.status import status  # late: keeps this module importable without zmq
 
+    loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
     delay, info = 0.05, None
     while True:
         left = deadline - time.monotonic()
         try:
-            info = status(host, port, timeout=max(0.2, min(2.0, left)))
-            new = [w for w in info["workers"] if w["name"] not in known]
-            if len(new) >= nworkers:
+            info = await loop.run_in_executor(None, partial(
+                status, host, port, timeout=max(0.2, min(2.0, left))))
+            if len([w for w in info["workers"] if w["name"] not in known]) >= nworkers:
                 return info
         except MasterUnreachable:
             info = None
@@ -76,13 +88,24 @@ def wait_until_up(host: str, port: int, nworkers: int, timeout: float,
             check()
         if time.monotonic() >= deadline:
             break
-        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 1.5, 1.0)
     if info is None:
         raise LaunchError(f"the cw master at {host}:{port} did not answer within {timeout:g} s")
     got = len([w for w in info["workers"] if w["name"] not in known])
     raise LaunchError(f"only {got} of {nworkers} workers registered with the cw master at "
                       f"{host}:{port} within {timeout:g} s")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a launcher's coroutine to its end from plain code: on a loop of its own, or, if
+    this thread already runs one (a notebook), on a thread of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def worker_names(host: str, port: int) -> frozenset:
