@@ -20,7 +20,7 @@ from cw.errors import JobTimeout
 from cw.worker.supervisor import NOTE_RECYCLE
 
 if TYPE_CHECKING:
-    from cw.worker.process import Worker, WorkerJob
+    from cw.worker.process import Worker, Task
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class JobInterrupted(BaseException):
     """Raised in the main thread (by SIGUSR1 from the I/O thread) when a job's time is up."""
 
 
-def timeout_error(job: WorkerJob) -> JobTimeout:
+def timeout_error(job: Task) -> JobTimeout:
     """The error a timed-out job fails with."""
     return JobTimeout(f"job {job.seq} ran longer than its timeout of "
                       f"{(job.opts or {}).get('timeout')} s and was stopped")

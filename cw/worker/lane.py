@@ -9,7 +9,7 @@
     a gone client (FORGET) --> forget(): its inbox connections closed
 
 The lane's framing and sockets are cw.conn.lane's; this object holds the worker's part
-and is the only code of the worker that knows of lanes besides the ``WorkerJob.lane`` mark.
+and is the only code of the worker that knows of lanes besides the ``Task.lane`` mark.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from cw.conn import lane
 from cw.errors import ProtocolError
 
 if TYPE_CHECKING:
-    from cw.worker.process import Worker, WorkerJob
+    from cw.worker.process import Worker, Task
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class LaneServer:
         elif not take:
             worker.conn.call(self.tell, cid, inbox, P.BOUNCE, seq)
 
-    def done(self, job: WorkerJob, status: int, frames: list, known: bool) -> None:
+    def done(self, job: Task, status: int, frames: list, known: bool) -> None:
         """Send a lane job's outcome straight to its client (a large one through the master,
         so a client slow to read never stalls us). Main thread."""
         assert job.lane is not None and self.results_out is not None  # a lane job, start()
@@ -92,7 +92,7 @@ class LaneServer:
         if lane.unreachable(error):  # the master takes the lane back; the client resends
             alias.send([P.pack(P.LANE_REFUSED, job.cid)])
 
-    def started_long(self, job: WorkerJob) -> None:
+    def started_long(self, job: Task) -> None:
         """A lane job runs past a tick (I/O thread): its client may show it running, and
         the master feeds other workers meanwhile."""
         assert job.lane is not None

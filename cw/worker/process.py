@@ -51,7 +51,7 @@ class WorkerShutdown(BaseException):
     """Raised in the main thread by SIGINT/SIGTERM to stop the worker, even mid-job."""
 
 
-class WorkerJob:
+class Task:
     __slots__ = ("cid", "seq", "digest", "frames", "opts", "epoch", "lane", "told",
                  "interrupted")
 
@@ -76,12 +76,12 @@ class Worker:
         self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
         self.max_memory = max_memory      # recycle when RSS passes this many MB (0: never)
         self.recycle = False
-        self.current: WorkerJob | None = None   # the running job (set under cond)
+        self.current: Task | None = None   # the running job (set under cond)
         self.deadline = 0.0                       # monotonic time it must end by, 0: none
         self.in_job = False                       # main thread is inside the job's code
         self.cond = threading.Condition()
         # shared with the I/O thread, guarded by cond
-        self.pending: deque[WorkerJob] = deque()
+        self.pending: deque[Task] = deque()
         self.contexts: dict[int, tuple[str, list]] = {}
         self.blobs: dict[tuple[int, bytes], object] = {}
         self.forgotten: list[int] = []
@@ -174,7 +174,7 @@ class Worker:
             if self._should_recycle():
                 return
 
-    def _lane_done(self, job: WorkerJob, status: int, frames: list) -> None:
+    def _lane_done(self, job: Task, status: int, frames: list) -> None:
         """A lane job ended: note it (the master counts it, and it ends a LANE_BUSY), then
         the lane sends its outcome to the client."""
         with self.cond:
@@ -187,7 +187,7 @@ class Worker:
             self.alias.send(message)
         self.lane.done(job, status, frames, known)
 
-    def execute(self, job: WorkerJob, context, blob) -> tuple[int, list]:
+    def execute(self, job: Task, context, blob) -> tuple[int, list]:
         """Run one job; return ``(status, frames)`` for the RESULTS message.
 
         ``in_job`` is True only inside the job's own code, so the timeout interrupt (a
@@ -199,7 +199,7 @@ class Worker:
             self.in_job = False
             return P.ERROR, error_frames(timeout_error(job))
 
-    def _execute(self, job: WorkerJob, context, blob) -> tuple[int, list]:
+    def _execute(self, job: Task, context, blob) -> tuple[int, list]:
         try:
             self.in_job = True
             self._enter(job.cid, context)
@@ -230,7 +230,7 @@ class Worker:
             self.recycle = True
         return self.recycle
 
-    def _function(self, job: WorkerJob, blob):
+    def _function(self, job: Task, blob):
         key = (job.cid, job.digest)
         func = self.functions.get(key)
         if func is None:
@@ -322,7 +322,7 @@ class Worker:
         jobs = []
         with self.cond:
             for cid, seq, digest, n, opts in entries:
-                jobs.append(WorkerJob(cid, seq, digest, frames[pos:pos + n], opts, self.epoch))
+                jobs.append(Task(cid, seq, digest, frames[pos:pos + n], opts, self.epoch))
                 pos += n
             for cid, cwd, path in ctxs:
                 self.contexts[cid] = (cwd, path)
@@ -345,7 +345,7 @@ class Worker:
             wake = take and not self.ticking
             if take:
                 self.ticking = True
-                self.pending.append(WorkerJob(cid, seq, digest, body[has_blob:], None,
+                self.pending.append(Task(cid, seq, digest, body[has_blob:], None,
                                               self.epoch, lane=inbox))
                 self.cond.notify()  # last: the main thread wakes to a released lock
         return take, wake
