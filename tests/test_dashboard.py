@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import http.client
-import inspect
 import json
 import os
 import re
@@ -21,16 +20,10 @@ from html.parser import HTMLParser
 import pytest
 from conftest import wait_for
 
-from cw import master as cw_master
 from cw.client import ClusterExecutor
-from cw.dashboard import Throughput
+from cw.master.throughput import Throughput
 
 JOBS = 40
-
-needs_flag = pytest.mark.skipif(
-    '"--dashboard"' not in inspect.getsource(cw_master.parse_args),
-    reason="cw/master.py lacks the --dashboard flag (apply the dashboard patch to it)")
-
 
 def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser") or \
@@ -67,7 +60,6 @@ def get(url: str) -> bytes:
         return reply.read()
 
 
-@needs_flag
 def test_status_json_and_page(dashboard):
     master, url = dashboard
     info = json.loads(get(url + "status.json"))
@@ -95,7 +87,6 @@ def status_for_host(url: str, host: str, path: str = "/status.json") -> int:
         conn.close()
 
 
-@needs_flag
 def test_only_local_host_names_are_answered(procs):
     """DNS rebinding: a page of evil.example whose name resolves to 127.0.0.1 sends
     ``Host: evil.example``; it must not read the dashboard."""
@@ -112,7 +103,6 @@ def test_only_local_host_names_are_answered(procs):
     assert "no authentication" not in master.stderr()
 
 
-@needs_flag
 def test_a_dashboard_off_loopback_warns_and_answers_its_own_names(procs):
     master = procs.master("--dashboard", "0", "--dashboard-host", "0.0.0.0")
     url = wait_for(lambda: (m := re.search(r"dashboard on (http://\S+)", master.stderr()))
@@ -176,7 +166,6 @@ def dump_dom(url: str, tmp_path) -> str:
     return out.decode()
 
 
-@needs_flag
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(chromium() is None, reason="needs Chromium for a real browser: "
                                                "apt-get install -y chromium")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import inspect
 import io
 import os
 import struct
@@ -12,16 +11,11 @@ from concurrent.futures import Future
 
 import pytest
 
-from cw import progress as cw_progress
 from cw.client import ClusterExecutor
+from cw.client import progress as cw_progress
 from cw.client.progress import as_completed, map_bar, progress
 
 pytest.importorskip("tqdm", reason="progress bars need tqdm: pip install 'cw[progress]'")
-
-needs_map_flag = pytest.mark.skipif(
-    "progress" not in inspect.signature(ClusterExecutor.map).parameters,
-    reason="ClusterExecutor.map lacks progress= (apply the progress patch to cw/client.py)")
-
 
 def done_futures(n: int) -> list[Future]:
     futures = [Future() for _ in range(n)]
@@ -116,7 +110,6 @@ def test_without_tqdm_warns_once_and_draws_nothing(monkeypatch, caplog):
         "progress bars need tqdm: pip install 'cw[progress]'") == 1
 
 
-@needs_map_flag
 def test_map_with_progress(cluster):
     out = io.StringIO()
     with ClusterExecutor(cluster.host, cluster.port) as ex:
@@ -133,7 +126,6 @@ def test_map_with_progress(cluster):
     assert "5job" in unsized.getvalue()  # no total: a count and a rate
 
 
-@needs_map_flag
 def test_map_progress_is_off_by_default(cluster, capsys):
     with ClusterExecutor(cluster.host, cluster.port) as ex:
         assert list(ex.map(abs, [-1, -2], progress=True)) == [1, 2]  # stderr is no tty
