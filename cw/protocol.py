@@ -234,6 +234,9 @@ def parse_job(entry) -> tuple[int, bytes, int, dict | None]:
             raise ProtocolError("job options need max_retries >= 1 and timeout > 0")
         if not isinstance(losses, list) or not all(isinstance(x, str) for x in losses):
             raise ProtocolError("job option losses must be a list of strings")
+        expected = opts.get("expected", 0)
+        if not isinstance(expected, (int, float)) or not expected >= 0:
+            raise ProtocolError("job option expected must be seconds >= 0")
     return seq, parse_digest(digest), n, opts
 
 
