@@ -21,10 +21,15 @@ from cw.launch import slurm
 from cw.status import status
 
 from slurm_conftest_helpers import processes_with_env, slurm_problem
+from test_slurm import fake_slurm, run_cli  # noqa: F401  (fake_slurm: a fixture)
 
 _problem = slurm_problem()
 needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")
-pytestmark = [pytest.mark.slurm, needs_slurm]
+
+
+def real_slurm(test):
+    """Marks a test that needs the real (local) SLURM."""
+    return pytest.mark.slurm(needs_slurm(test))
 
 
 @pytest.fixture
@@ -107,6 +112,7 @@ def starts(path: Path) -> dict[int, int]:
     return found
 
 
+@real_slurm
 @pytest.mark.timeout(120)
 def test_adapt_submits_an_array_with_the_work_and_cancels_idle_workers(cw_jobs, counted,
                                                                        tmp_path):
@@ -158,6 +164,7 @@ def _slow_square(i: int) -> int:
     return i * i
 
 
+@real_slurm
 @pytest.mark.timeout(170)
 def test_allocations_that_end_under_a_stream_of_long_jobs_lose_nothing(cw_jobs, tmp_path):
     """One-minute worker jobs, jobs of 12 s: workers drain 20 s before their end and their
@@ -181,6 +188,7 @@ def test_allocations_that_end_under_a_stream_of_long_jobs_lose_nothing(cw_jobs, 
     assert "draining: its allocation" in worker_logs
 
 
+@real_slurm
 @pytest.mark.timeout(90)
 def test_a_worker_preempted_with_sigterm_drains_and_loses_nothing(cw_jobs, tmp_path):
     slurm.start(2, port=0, adapt=True, min_workers=2, idle_timeout=30, interval=1,
@@ -204,3 +212,24 @@ def test_a_worker_preempted_with_sigterm_drains_and_loses_nothing(cw_jobs, tmp_p
     victim_log = (home / "logs" / f"cwadapt-{victim}.log").read_text()
     assert "draining: got SIGTERM" in victim_log and "Traceback" not in victim_log
     assert processes_with_env(f"CW_HOME={home}") != []  # the master and the others run on
+
+
+@pytest.mark.timeout(60)
+def test_cli_adapt_gives_the_master_the_workers_script_and_options(
+        fake_slurm, cw_home):  # noqa: F811
+    env, log = fake_slurm
+    run_cli("-n", "8", "--port", "6000", "--timeout", "1", "--Xworkers=--time=1",
+            "--signal", "USR1@90", "--margin", "30", "start", "--adapt", "--min-workers",
+            "2", "--idle-timeout", "30", env=env)
+    submits = log.read_text().split("sbatch ")[1:]
+    assert len(submits) == 1  # the master alone: it submits the workers itself
+    master = submits[0]
+    script = cw_home / "slurm" / "adapt-worker.sh"
+    assert (f"-m cw.master --port 6000 --connection-file {cw_home}/default.json "
+            f"--log-level INFO --adapt 8 --min-workers 2 --idle-timeout 30 "
+            f"--worker-script {script} --worker-option=--signal=USR1@90 "
+            f"--worker-option=--time=1 --drain-margin 30") in master
+    text = script.read_text()
+    assert "exec srun " in text and "-m cw.worker --slurm" in text
+    assert "--drain-margin 30 --drain-signal USR1" in text
+    assert oct(script.stat().st_mode & 0o777) == "0o600"

@@ -17,7 +17,12 @@
       the srun'd workers) and scancel -s INT --batch (reaches the batch shell: the master,
       exec'd) -> poll squeue until they are gone -> scancel -s KILL --full if they linger
 
-Only one cw cluster per user runs at a time: jobs are found by name and user.
+    start(n, adapt=True): no cworkers job; the master job gets --adapt n and the worker
+      script (cw.launch.slurm_adapt) and submits cwadapt array jobs itself (cw.master.elastic)
+
+Only one cw cluster per user runs at a time: jobs are found by name and user. Here: start
+and stop; squeue and finding the master in cw.launch.slurm_queue, the batch scripts in
+cw.launch.slurm_script, the command line in cw.launch.slurm_cli.
 """
 from __future__ import annotations
 

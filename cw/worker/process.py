@@ -16,6 +16,8 @@ the worker says BYE and the master re-queues what it held. A job's exception, or
 argument or result that will not (un)pickle, fails that one job; the worker lives on.
 
 The supervisor (cw.worker.supervisor) started this process and restarts it if it dies.
+Near its SLURM allocation's end, or on the drain signal, it drains (cw.worker.drain):
+prefetched jobs go back (DRAIN), it finishes what runs, says BYE and is not restarted.
 """
 from __future__ import annotations
 
@@ -131,6 +133,8 @@ class Worker:
         if message:
             self.alias.send(message)
         if self.conn.welcomed.is_set():
+            if self.drain.reason:  # why, on the BYE's socket: the master logs it first
+                self.alias.send([P.pack(P.DRAIN, self.drain.reason, [])])
             self.alias.send([P.pack(P.BYE)])
         self.alias.close()
         self.lane.close()
