@@ -159,6 +159,28 @@ def test_adapt_submits_an_array_with_the_work_and_cancels_idle_workers(cw_jobs, 
         <= 1 + 3 * 40  # slurm.jobs() above, once per wait (bounded), and status's one
 
 
+@real_slurm
+@pytest.mark.timeout(60)
+def test_pending_worker_jobs_show_slurms_reason_and_are_never_more_than_needed(cw_jobs):
+    slurm.start(4, port=0, adapt=True, interval=1, worker_options=["--hold"], timeout=60)
+    with ClusterExecutor() as ex:
+        futures = [ex.submit(pow, i, 2) for i in range(2)]
+        info = wait_for(lambda: (s := status())["adapt"]["pending_reasons"] and s, 20,
+                        "pending worker jobs")
+        assert info["adapt"]["pending_reasons"] == {"JobHeldUser": 2}
+        calls = info["adapt"]["squeue_calls"]
+        wait_for(lambda: status()["adapt"]["squeue_calls"] >= calls + 3, 20, "three polls")
+        held = adaptive()
+        assert len(held) == 2 and all(j.reason == "JobHeldUser" for j in held)
+        assert status()["adapt"]["sbatch_calls"] == 1  # two pending: nothing more asked
+        shown = subprocess.run([os.sys.executable, "-m", "cw.status"], capture_output=True,
+                               text=True, timeout=30).stdout
+        assert "pending: 2 JobHeldUser" in shown, shown
+        assert not any(f.done() for f in futures)
+        ex.shutdown(wait=False, cancel_futures=True)
+    wait_for(lambda: not adaptive(), 30, "the unneeded pending jobs cancelled")
+
+
 def _slow_square(i: int) -> int:
     time.sleep(0.1)
     return i * i

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 def drain_options(signal: str | None = None,
                   margin: float | None = None) -> tuple[list[str], list[str]]:
     """(sbatch options, worker arguments) for the workers' drain: ``signal`` is
-    ``SIG`` or ``SIG@SECS`` (SECS defaults to the margin), ``margin`` the seconds before
+    ``SIG``, ``SIG@SECS`` or ``B:SIG@SECS`` (to the batch shell, the workers' srun, which
+    passes it to them; SECS defaults to the margin), ``margin`` the seconds before
     the allocation's end a worker stops taking jobs it may not finish."""
     sbatch: list[str] = []
     worker: list[str] = []
@@ -34,9 +35,10 @@ def drain_options(signal: str | None = None,
         worker += ["--drain-margin", f"{margin:g}"]
     if signal:
         name, _, secs = signal.partition("@")
-        name = name.upper().removeprefix("SIG") or "TERM"
+        batch = name.upper().startswith("B:")  # to the batch shell: srun passes it on
+        name = name[2 * batch:].upper().removeprefix("SIG") or "TERM"
         secs = secs or f"{int(adapt.MARGIN if margin is None else margin)}"
-        sbatch.append(f"--signal={name}@{secs}")
+        sbatch.append(f"--signal={'B:' * batch}{name}@{secs}")
         worker += ["--drain-signal", name]
     return sbatch, worker
 

@@ -196,7 +196,8 @@ class Elastic:
                 "idle_timeout": limits.idle_timeout, "interval": self.config.interval,
                 "wanted": self.last.wanted, "leaving": self.last.leaving,
                 "worker_jobs": len(self.submitted),
-                "pending": len([j for j in self.submitted if j not in self.joined]),
+                "pending": len([j for j in self.submitted
+                                if j not in self.joined and j not in self.cancelled]),
                 "pending_reasons": slurm_jobs.pending_reasons(snap),
                 "squeue_calls": self.poller.calls, "sbatch_calls": self.submits}
 
@@ -205,10 +206,11 @@ class Elastic:
         if self.task is not None:
             self.task.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        jobs = self.poller.last.jobs
-        ours = list(self.submitted)
-        running = [j for j in ours if j in jobs and not jobs[j].pending]
-        waiting = [j for j in ours if j not in running]
+        snap = self.poller.last
+        jobs = snap.jobs
+        running = [j for j in self.submitted if j in jobs and not jobs[j].pending]
+        waiting = [j for j, when in self.submitted.items() if j not in running and
+                   (j in jobs or when >= snap.taken)]  # pending, or too new to be seen
         try:
             slurm_jobs.cancel(waiting)
             slurm_jobs.cancel(running, "INT")
