@@ -67,7 +67,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
                    help="seconds a new worker job is assumed to take to start")
     g.add_argument("--adapt-horizon", type=float, default=adapt.HORIZON,
                    help="seconds the queued work should take with the workers asked for")
-    g.add_argument("--worker-script", default=None, help="the worker jobs' batch script")
+    g.add_argument("--worker-script", default=None,
+                   help="the worker jobs' batch script (default: srun python -m cw.worker "
+                        "--slurm, as ./slurm.py writes it)")
     g.add_argument("--worker-option", action="append", default=[], metavar="ARG",
                    help="an sbatch option of the worker jobs (repeatable, as --worker-option=ARG)")
 
@@ -76,12 +78,14 @@ def config_from(args: argparse.Namespace) -> Config | None:
     """The Config the flags describe; None without ``--adapt``."""
     if not args.adapt:
         return None
-    if not args.worker_script:
-        raise SystemExit("cw-master: --adapt needs --worker-script")
     limits = adapt.Limits(args.adapt, args.min_workers, args.idle_timeout,
                           args.adapt_horizon, args.drain_margin, args.adapt_lead)
-    return Config(limits, Path(args.worker_script).read_text(), tuple(args.worker_option),
-                  args.adapt_interval)
+    if args.worker_script:
+        script = Path(args.worker_script).read_text()
+    else:  # srun python -m cw.worker --slurm, with this master's CW_HOME and PYTHONPATH
+        from cw.launch.slurm_script import worker_script
+        script = worker_script(worker_args=["--drain-margin", f"{args.drain_margin:g}"])
+    return Config(limits, script, tuple(args.worker_option), args.adapt_interval)
 
 
 class Elastic:
