@@ -189,9 +189,10 @@ def _slow_square(i: int) -> int:
 @real_slurm
 @pytest.mark.timeout(170)
 def test_allocations_that_end_under_a_stream_of_long_jobs_lose_nothing(cw_jobs, tmp_path):
-    """One-minute worker jobs, jobs of 12 s: workers drain 20 s before their end and their
-    replacements come (asked 20 + 10 s before it); each job starts once and succeeds."""
-    slurm.start(2, port=0, adapt=True, idle_timeout=5, interval=1, margin=20, lead=10,
+    """One-minute worker jobs, jobs of 12 s, the default margin and lead (60 s each,
+    scaled to a quarter of a short allocation: ~15 s): workers drain ~15 s before their
+    end, their replacements are asked ~30 s before it; each job starts once and succeeds."""
+    slurm.start(2, port=0, adapt=True, idle_timeout=5, interval=1,
                 worker_options=["--time=1"], timeout=60)
     log = tmp_path / "started"
     log.touch()
@@ -205,6 +206,10 @@ def test_allocations_that_end_under_a_stream_of_long_jobs_lose_nothing(cw_jobs, 
     home = cw_jobs
     master_log = next((home / "logs").glob("cmaster-*.log")).read_text()
     assert "drains (its allocation" in master_log
+    lines = master_log.splitlines()
+    submits = [line[:23] for line in lines if "cwadapt workers as array job" in line]
+    drains = [line[:23] for line in lines if "drains (its allocation" in line]
+    assert len(submits) >= 2 and submits[1] < drains[0]  # the replacement came first
     assert "WorkerLost" not in master_log and "died" not in master_log
     worker_logs = "".join(p.read_text() for p in (home / "logs").glob("cwadapt-*.log"))
     assert "draining: its allocation" in worker_logs

@@ -146,7 +146,7 @@ class Elastic:
             if w.draining or w.slurm_job in self.cancelled:
                 continue
             views.append(adapt.WorkerView(w.slurm_job if w.slurm_job in self.joined else "",
-                                          self._idle_since(w, now), w.alloc_end))
+                                          self._idle_since(w, now), self._end(w, now)))
         self.idle = {i: v for i, v in self.idle.items() if i in self.sched.workers}
         times = [w.job_seconds for w in workers if w.job_seconds is not None]
         if times:
@@ -163,6 +163,17 @@ class Elastic:
                               if decision.cancel_pending else [])
         self.last = dataclasses.replace(decision, cancel_idle=idle)
         return self.last, pending
+
+    def _end(self, worker, now: float) -> float | None:
+        """The worker's end as adapt.decide should see it: for a short allocation, the
+        margin and lead scaled down to its life (adapt.scaled, as its worker does)."""
+        end = worker.alloc_end
+        if end is None:
+            return None
+        life = end - (now - (time.monotonic() - worker.joined))  # from its HELLO
+        limits = self.config.limits
+        short = adapt.scaled(limits.margin, life) + adapt.scaled(limits.lead, life)
+        return end + (limits.margin + limits.lead) - short
 
     def _idle_since(self, worker, now: float) -> float | None:
         """When the worker last became idle, as seen at the polls (None: it holds jobs)."""

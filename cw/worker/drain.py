@@ -43,6 +43,8 @@ class Drain:
         self.margin = margin
         self.job = slurm_jobs.this_job() if in_slurm else None
         self.end = end if end is not None or not in_slurm else slurm_jobs.allocation_end()
+        if self.end is not None:  # a one-minute job does not drain from its start
+            self.margin = adapt.scaled(margin, self.end - time.time())
         self.reason = ""                 # why it drains ("" while it does not)
         self.learned: dict[tuple[int, bytes], float] = {}  # (cid, digest) -> seconds
         self._lock = threading.Lock()
