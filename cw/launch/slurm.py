@@ -198,6 +198,8 @@ def start(nworkers: int, master: bool = True, workers: bool = True,
     """
     common = [f"--partition={partition}"] if partition else []
     common += [f"--time={time_limit}"] if time_limit else []
+    if adapt and docker_image:  # its command names the master, unknown before it runs
+        raise LaunchError("--adapt with -d/--docker-image is not supported yet")
     drain_sbatch, worker_args = drain_options(signal, margin)
     spread = (["--exclusive"] if adapt else ["--ntasks-per-node=1"]) * isolated  # 1/node
     worker_sbatch = [*common, *spread, *drain_sbatch, *worker_options]
