@@ -260,3 +260,37 @@ def test_cli_adapt_gives_the_master_the_workers_script_and_options(
     assert "exec srun " in text and "-m cw.worker --slurm" in text
     assert "--drain-margin 30 --drain-signal USR1" in text
     assert oct(script.stat().st_mode & 0o777) == "0o600"
+
+
+def test_plan_counts_pending_jobs_until_their_worker_says_hello_and_never_runs_away():
+    """Elastic.plan on a real Scheduler (no SLURM: the snapshots are made here)."""
+    from cw.launch import adapt
+    from cw.launch.slurm_jobs import Snapshot, WorkerJob
+    from cw.master.elastic import Config, Elastic
+    from cw.master.scheduler import Scheduler
+
+    sched = Scheduler(lambda *a: True)
+    el = Elastic(sched, Config(adapt.Limits(4, idle_timeout=5, lead=10, margin=10), "x"))
+    assert not el.plan(Snapshot({}, time.monotonic()))[0]  # no work: nothing
+    sched.queued = 3  # three jobs waiting, no worker
+    decision, pending = el.plan(Snapshot({}, time.monotonic()))
+    assert decision.submit == 3 and pending == []
+    el.submitted = {f"9_{i}": time.monotonic() for i in range(3)}
+    running = {i: WorkerJob(i, "RUNNING", "None", None) for i in el.submitted}
+    decision, pending = el.plan(Snapshot(running, time.monotonic()))
+    assert not decision and len(pending) == 3  # asked for: nothing more
+    for i in range(3):  # their workers said HELLO long ago; their allocations end soon
+        sched.hello(b"w%d" % i, "worker", {"slurm_job": f"9_{i}", "pid": i,
+                                           "alloc_end": time.time() + 15},
+                    time.monotonic() - 1000)
+    decision, pending = el.plan(Snapshot(running, time.monotonic()))
+    assert pending == [] and decision.leaving == 3 and decision.submit == 3  # replacements
+    el.submitted.update({f"10_{i}": time.monotonic() for i in range(3)})
+    sched.queued = 50
+    decision, _ = el.plan(Snapshot(running, time.monotonic()))
+    assert decision.submit <= 2 * 4 - 3 - 3  # connected + pending stay within 2 x max
+    el.submitted.clear()
+    sched.queued = 0
+    later = time.monotonic() + 2
+    decision, _ = el.plan(Snapshot({}, later))  # squeue lists none of ours: forgotten
+    assert el.submitted == {} and not decision.cancel_pending
