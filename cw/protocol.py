@@ -86,6 +86,9 @@ BOUNCE = 43     # worker -> client inbox: [BOUNCE, seq]  (not taken: send it via
 DIED = 28        # supervisor -> master: [DIED, pid, code, lived]: its worker process pid
                  #   ended without a note after lived seconds; code: its exit code (>= 0) or
                  #   minus the signal that killed it. The master charges the job it ran.
+DRAIN = 60       # worker -> master: [DRAIN, reason, [[cid, seq]]]: it drains (its allocation
+                 #   ends, or SLURM signalled it): takes nothing more, gives these unstarted
+                 #   jobs back (re-queued uncharged), finishes what runs and says BYE
 STATUS = 30      # any -> master: [STATUS]
 STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
 
@@ -152,7 +155,7 @@ def describe_exit(code: int) -> str:
 HELLO_FIELDS = {"name": (str, 256), "host": (str, 256), "pid": (int, 0), "python": (str, 64),
                 "machine": (str, 512), "alias": (bytes, 64), "slots": (int, 0),
                 "lane": (str, 4096), "inbox": (bool, 0), "cwd": (str, 4096),
-                "path": (list, 4096)}
+                "path": (list, 4096), "slurm_job": (str, 64), "alloc_end": (float, 0)}
 MAX_PATH_ENTRY = 4096
 
 
@@ -231,6 +234,9 @@ def parse_job(entry) -> tuple[int, bytes, int, dict | None]:
             raise ProtocolError("job options need max_retries >= 1 and timeout > 0")
         if not isinstance(losses, list) or not all(isinstance(x, str) for x in losses):
             raise ProtocolError("job option losses must be a list of strings")
+        expected = opts.get("expected", 0)
+        if not isinstance(expected, (int, float)) or not expected >= 0:
+            raise ProtocolError("job option expected must be seconds >= 0")
     return seq, parse_digest(digest), n, opts
 
 

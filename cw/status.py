@@ -6,7 +6,9 @@ The dict: ``master_id``, ``queue`` (jobs waiting), ``routed`` (results delivered
 ``throughput_last_minute`` (results/s), ``time`` (the master's clock),
 ``discarded`` (results dropped because their client had gone), ``workers`` (name, host, pid,
 state, current job and for how long, jobs held, done, failures, seconds since last heard)
-and ``clients`` (name, host, pid, queued, running, done, submitted).
+and ``clients`` (name, host, pid, queued, running, done, submitted); with ``--adapt``,
+``adapt`` (cw.master.elastic.Elastic.status: limits, workers wanted, worker jobs, SLURM's
+pending reasons, squeue calls made).
 """
 from __future__ import annotations
 
@@ -54,6 +56,14 @@ def format_table(info: dict) -> str:
              f"{len(info['clients'])} clients, {info['queue']} jobs queued, "
              f"{info['routed']} results routed, "
              f"{info.get('throughput_last_minute', 0):.1f}/s over the last minute"]
+    if "adapt" in info:  # --adapt (cw.master.elastic)
+        a = info["adapt"]
+        reasons = ", ".join(f"{n} {r}" for r, n in a["pending_reasons"].items())
+        lines.append(f"adapt: {a['min_workers']}-{a['max_workers']} SLURM workers, "
+                     f"{a['wanted']} wanted, {a['worker_jobs']} worker jobs "
+                     f"({a['pending']} not connected{'; pending: ' + reasons if reasons else ''}"
+                     f"), {a['leaving']} leaving, idle timeout {a['idle_timeout']:g} s, "
+                     f"{a['squeue_calls']} squeue calls (every {a['interval']:g} s)")
     if info["workers"]:
         lines.append(f"{'worker':<24} {'state':<5} {'held':>4} {'done':>8} {'fail':>5} "
                      f"{'job s':>7} {'heard s':>7}")

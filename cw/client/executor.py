@@ -95,13 +95,17 @@ class ClusterExecutor(Executor):
         """Run ``fn(*args, **kwargs)`` on a worker; a pickling failure fails the future."""
         return self._submit(fn, args, kwargs, self._opts)
 
-    def options(self, *, max_retries: int | None = None,
-                timeout: float | None = None) -> ExecutorOptions:
-        """A view of this executor whose ``submit``/``map`` use other job options."""
+    def options(self, *, max_retries: int | None = None, timeout: float | None = None,
+                expected: float | None = None) -> ExecutorOptions:
+        """A view of this executor whose ``submit``/``map`` use other job options.
+
+        ``expected``: the seconds each job is expected to take; a worker whose SLURM
+        allocation ends sooner than that does not start it (cw.worker.drain)."""
         base = self._opts or {}
         return ExecutorOptions(self, job_options(
             base.get("max_retries", DEFAULT_MAX_RETRIES) if max_retries is None else max_retries,
-            base.get("timeout") if timeout is None else timeout))
+            base.get("timeout") if timeout is None else timeout,
+            base.get("expected") if expected is None else expected))
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, opts: dict | None) -> Future:
         with self._shutdown_lock:
@@ -275,16 +279,20 @@ def _flatten(chunks: Iterator[list]) -> Iterator:
             yield results.pop()
 
 
-def job_options(max_retries: int = DEFAULT_MAX_RETRIES,
-                timeout: float | None = None) -> dict | None:
+def job_options(max_retries: int = DEFAULT_MAX_RETRIES, timeout: float | None = None,
+                expected: float | None = None) -> dict | None:
     """The options a job carries on the wire (None when all are defaults)."""
     if not isinstance(max_retries, int) or max_retries < 1:
         raise ValueError("max_retries must be an int >= 1")
     if timeout is not None and not timeout > 0:
         raise ValueError("timeout must be > 0 seconds or None")
+    if expected is not None and not expected >= 0:
+        raise ValueError("expected must be >= 0 seconds or None")
     opts: dict = {}
     if max_retries != DEFAULT_MAX_RETRIES:
         opts["max_retries"] = max_retries
     if timeout is not None:
         opts["timeout"] = float(timeout)
+    if expected is not None:
+        opts["expected"] = float(expected)
     return opts or None

@@ -33,7 +33,11 @@ def _launcher():
 
 
 def start(nworkers: int, master: bool = True, workers: bool = True, **options):
-    """Start a master and ``nworkers`` workers with SLURM if present, else locally."""
+    """Start a master and ``nworkers`` workers with SLURM if present, else locally
+    (``adapt=True``, workers that come and go with the work, needs SLURM)."""
+    if options.get("adapt") and not slurm_available():
+        raise LaunchError("adapt=True needs SLURM (no sbatch on PATH): the master submits "
+                          "its workers as SLURM jobs")
     return _launcher().start(nworkers, master=master, workers=workers, **options)
 
 

@@ -36,6 +36,7 @@ HORIZON = 60.0          # seconds the policy aims to drain the queue in
 MARGIN = 60.0           # seconds before its allocation's end a worker starts draining
 LEAD = 60.0             # seconds a new worker job is assumed to take to start
 SLACK = 1.25            # a job "is expected to finish" if now + expected * SLACK <= end
+SHARE = 0.25            # the most of an allocation's life a margin or the lead may take
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,12 @@ def draining(now: float, end: float | None, margin: float = MARGIN) -> bool:
     """True from ``margin`` seconds before the allocation's end: the worker gives back
     what it prefetched, takes only jobs ``takes`` accepts, and leaves when it runs none."""
     return end is not None and now >= end - margin
+
+
+def scaled(seconds: float, life: float | None) -> float:
+    """A margin (or lead) for an allocation of ``life`` seconds: at most SHARE of it, so
+    that a short allocation (``--time=1``) still works most of its minute. None: as is."""
+    return seconds if life is None or life <= 0 else min(seconds, SHARE * life)
 
 
 def replace_at(end: float | None, margin: float = MARGIN, lead: float = LEAD) -> float | None:

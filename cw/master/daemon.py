@@ -46,6 +46,7 @@ from cw.defaults import (
     DEFAULT_MAX_MESSAGE_SIZE,
 )
 from cw.errors import ProtocolError
+from cw.master import elastic, evictions
 from cw.master.connections import Connections, router
 from cw.master.peers import MAX_FUNCTION_BYTES
 from cw.master.records import ClientRecord, WorkerRecord
@@ -69,7 +70,8 @@ class Master:
                  insecure: bool = False, local_socket: bool = True,
                  dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_function_bytes: int = MAX_FUNCTION_BYTES):
+                 max_function_bytes: int = MAX_FUNCTION_BYTES,
+                 adapt: elastic.Config | None = None):
         self.bind_host = host
         self.handshake_timeout = handshake_timeout
         self.refusals = cli.Throttled(log)
@@ -87,6 +89,8 @@ class Master:
         self.auth: ThreadAuthenticator | None = None
         self.scheduler = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
                                max_function_bytes=max_function_bytes)
+        # --adapt: SLURM worker jobs that come and go with the work (cw.master.elastic)
+        self.elastic = elastic.Elastic(self.scheduler, adapt) if adapt else None
         self.conns = Connections(self.scheduler, self._send, self._changed)
         self.monitors = self.conns.monitors  # each ROUTER's connection events, and handlers
         self.ctx = zmq.Context()
@@ -214,6 +218,8 @@ class Master:
         self.sample()
         sampler = PeriodicCallback(self.sample, SAMPLE_INTERVAL * 1000)
         sampler.start()
+        if self.elastic is not None:
+            self.loop.add_callback(self.elastic.start)
         log.info("master %s listening on tcp://%s%s", self.scheduler.master_id[:8], self.address,
                  f" and {self.local_endpoint}" if self.local_endpoint else "")
         try:
@@ -228,6 +234,8 @@ class Master:
             sampler.stop()
             if self.dashboard is not None:
                 self.dashboard.stop()
+            if self.elastic is not None:
+                self.elastic.close()
             self.close()
 
     def stop(self, sig: int | None = None) -> None:
@@ -295,6 +303,8 @@ class Master:
         info = self.scheduler.status(mono)
         info["time"] = time.time()
         info["throughput_last_minute"] = round(self.throughput.rate(mono, info["routed"]), 3)
+        if self.elastic is not None:
+            info["adapt"] = self.elastic.status()
         return info
 
     def tick(self) -> None:
@@ -358,6 +368,8 @@ class Master:
             return sched.lane_refused(peer, header[1])
         if isinstance(peer, WorkerRecord) and kind == P.LANE_RESULT:
             return sched.lane_result(peer, header[1], header[2], header[3], header[4], frames)
+        if isinstance(peer, WorkerRecord) and kind == P.DRAIN:
+            return evictions.drain(sched, peer, header[1], header[2])
         if isinstance(peer, WorkerRecord) and kind == P.CANCELLED:
             return sched.cancelled(peer, header[1])
         if kind == P.DIED and peer.ident in sched.supervisors:

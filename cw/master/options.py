@@ -14,6 +14,7 @@ from cw.defaults import (
     DEFAULT_MAX_MESSAGE_SIZE,
 )
 from cw.errors import CwError
+from cw.master import elastic
 from cw.master.daemon import Master
 from cw.master.peers import MAX_FUNCTION_BYTES
 
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="address the dashboard binds; it has no authentication, so keep it "
                       "local and tunnel with ssh -L")
     cli.add_logging_flags(parser)
+    elastic.add_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                     local_socket=not args.no_local_socket,
                     dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
                     handshake_timeout=args.handshake_timeout,
-                    max_function_bytes=args.max_function_bytes)
+                    max_function_bytes=args.max_function_bytes,
+                    adapt=elastic.config_from(args))
     master.bind()
     try:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -156,6 +157,9 @@ class Peers:
 
     def _worker_gone(self, worker: WorkerRecord, reason: str, graceful: bool) -> None:
         who = f"{worker.name} on {worker.host} (pid {worker.pid})"
+        evicted = worker.evicted(time.time())
+        if evicted:  # SLURM took it back: an eviction, uncharged (cw.worker.drain)
+            reason, graceful = f"{reason}, {evicted}; its jobs go back uncharged", True
         lost = f"{who}: {reason}"
         requeue: list[JobRecord] = []
         for job in worker.assigned.values():

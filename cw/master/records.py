@@ -16,6 +16,7 @@ from cw.master.lanes import ClientLane, WorkerLane
 PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)
 MIN_HOLD = 2               # the running job and one prefetched, whatever the job time
 RESULT_BACKLOG = 32 << 20  # unsent result bytes past which a client's jobs are parked
+EVICT_SLACK = 5.0          # seconds before its announced allocation end a loss is the end's
 
 
 class JobRecord:
@@ -104,9 +105,22 @@ class WorkerRecord(PeerRecord):
         self.cancelling: set[tuple[int, int]] = set()  # jobs a cancel was asked for
         self.out_cancel: list[list] = []
         self.lane = WorkerLane.offered(info.get("lane"))  # None: it has no lane
+        self.slurm_job = str(info.get("slurm_job") or "")  # its SLURM job ("123_4"), if any
+        end = info.get("alloc_end")  # when its allocation ends (time.time()), if it does
+        self.alloc_end: float | None = float(end) if isinstance(end, (int, float)) else None
+        self.draining = ""     # why it drains (its DRAIN): it gets nothing more
+
+    def evicted(self, wall_now: float) -> str:
+        """Why its loss now is an eviction (its drain, its allocation's end), not a death
+        ("" if it is a death): its jobs go back uncharged."""
+        if self.draining:
+            return f"while draining: {self.draining}"
+        if self.alloc_end is not None and wall_now >= self.alloc_end - EVICT_SLACK:
+            return "at its allocation's end: killed by the walltime"
+        return ""
 
     def free(self) -> int:
-        if self.isolated or (self.lane is not None and self.lane.job):
+        if self.isolated or self.draining or (self.lane is not None and self.lane.job):
             return 0  # a suspect alone, or a long lane job: feed it nothing
         return self.hold - len(self.assigned)
 

@@ -11,13 +11,23 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from cw import cli
 from cw.defaults import DEFAULT_SLOTS
 from cw.errors import MasterUnreachable, ProtocolError, SecurityError
 from cw.worker.deadline import JobInterrupted
+from cw.launch.adapt import MARGIN
+from cw.worker.drain import Drain
 from cw.worker.process import Worker, WorkerShutdown
-from cw.worker.supervisor import NOTE_RECYCLE, NOTE_REFUSED, STOP_GRACE, Supervisor, SupervisorLink
+from cw.worker.supervisor import (
+    NOTE_DRAINED,
+    NOTE_RECYCLE,
+    NOTE_REFUSED,
+    STOP_GRACE,
+    Supervisor,
+    SupervisorLink,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +39,11 @@ def run_child(args: argparse.Namespace) -> None:
     link = SupervisorLink(args.supervisor_fd) if args.supervisor_fd is not None else None
 
     def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # a Python no-op, not SIG_IGN: a second signal already caught (SLURM's SIGINT to the
+        # step and the supervisor's SIGTERM) would find SIG_IGN and print "Signal 15
+        # ignored due to race condition"
+        signal.signal(signal.SIGTERM, _ignore)
+        signal.signal(signal.SIGINT, _ignore)
         if link is not None and not link.stop_asked(STOP_GRACE):
             log.warning("got %s that nobody stopping us sent; dying of it",
                         signal.Signals(signum).name)
@@ -42,11 +55,18 @@ def run_child(args: argparse.Namespace) -> None:
         if worker.in_job:
             raise JobInterrupted()
 
+    def drain(signum, frame):  # SLURM ends or preempts the job: finish, then leave
+        threading.Thread(target=worker.start_drain, daemon=True, args=(
+            f"got {signal.Signals(signum).name} (SLURM preempts or ends the job)",)).start()
+
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGUSR1, time_up)
+    drain_signal = _signal(args.drain_signal)
     worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory, link,
-                    args.insecure)
+                    args.insecure, Drain(args.drain_margin))
+    if drain_signal is not None:
+        signal.signal(drain_signal, drain)
     try:
         worker.run(args.connect_timeout or None)
     except (ProtocolError, MasterUnreachable, SecurityError) as exc:
@@ -55,9 +75,23 @@ def run_child(args: argparse.Namespace) -> None:
     except WorkerShutdown:
         note = b""
     else:
-        note = NOTE_RECYCLE if worker.recycle else b""
+        note = NOTE_DRAINED if worker.drain.reason else NOTE_RECYCLE if worker.recycle else b""
     if link is not None and note:
         link.tell(note)
+
+
+def _ignore(signum, frame) -> None:
+    """A stop is under way: later SIGINT/SIGTERM change nothing."""
+
+
+def _signal(name: str | None) -> signal.Signals | None:
+    """``TERM``, ``SIGTERM`` or ``15`` -> signal.SIGTERM; None stays None."""
+    if not name:
+        return None
+    name = name.strip().upper()
+    if name.isdigit():
+        return signal.Signals(int(name))
+    return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,6 +121,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slurm", action="store_true",
                         help="find the master through SLURM: $CW_HOME/default.json, else the "
                              "node of this user's running cmaster job in squeue")
+    cli.add_flag(parser, "--drain-signal", default=None,
+                 help="the signal (TERM, USR1, ...) that makes a worker drain: finish what "
+                      "it runs, give back what it holds, leave (with --slurm: TERM)")
+    cli.add_flag(parser, "--drain-margin", default=MARGIN, cast=float,
+                 help="seconds before its SLURM allocation ends a worker starts draining")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--supervisor-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -98,6 +137,8 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     for flag, value in (("--port", args.port), ("--slots", args.slots),
                         ("--max-jobs", args.max_jobs), ("--max-memory", args.max_memory),
                         ("--connect-timeout", args.connect_timeout),
+                        ("--drain-signal", args.drain_signal),
+                        ("--drain-margin", args.drain_margin),
                         ("--log-level", args.log_level), ("--log-file", args.log_file)):
         if value is not None:
             argv += [flag, str(value)]
@@ -116,9 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.slurm and not args.host:
         from cw.launch import slurm
         args.host, args.port = slurm.find_master(args.connect_timeout or 300.0)
+    if args.slurm and args.drain_signal is None:
+        args.drain_signal = "TERM"  # what SLURM sends at the walltime and on preemption
     try:
         supervisor = Supervisor(child_argv(args), max(1, args.processes), args.host,
-                                args.port, args.insecure)
+                                args.port, args.insecure, _signal(args.drain_signal))
     except SecurityError as exc:  # e.g. --insecure to a master that is not on loopback
         sys.exit(f"cw-worker: {exc}")
     sys.exit(supervisor.run())

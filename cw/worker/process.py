@@ -16,6 +16,8 @@ the worker says BYE and the master re-queues what it held. A job's exception, or
 argument or result that will not (un)pickle, fails that one job; the worker lives on.
 
 The supervisor (cw.worker.supervisor) started this process and restarts it if it dies.
+Near its SLURM allocation's end, or on the drain signal, it drains (cw.worker.drain):
+prefetched jobs go back (DRAIN), it finishes what runs, says BYE and is not restarted.
 """
 from __future__ import annotations
 
@@ -24,11 +26,8 @@ import os
 import sys
 import threading
 import time
-import traceback
 from collections import deque
 
-import cloudpickle
-import msgpack
 from tornado.ioloop import PeriodicCallback
 
 from cw import protocol as P
@@ -39,7 +38,9 @@ from cw.conn.peer import Connection, check_size, peer_info
 from cw.defaults import DEFAULT_SLOTS
 from cw.errors import CwError, ProtocolError
 from cw.worker.deadline import JobInterrupted, time_up, timeout_error
+from cw.worker.drain import Drain, drain_at, give_back
 from cw.worker.lane import LaneServer
+from cw.worker.outcome import error_frames, rss_mb
 from cw.worker.outbox import FLUSH_INTERVAL, Outbox
 from cw.worker.supervisor import SupervisorLink
 
@@ -69,8 +70,10 @@ class Worker:
 
     def __init__(self, host: str | None = None, port: int | None = None,
                  slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
-                 link: SupervisorLink | None = None, insecure: bool = False):
+                 link: SupervisorLink | None = None, insecure: bool = False,
+                 drain: Drain | None = None):
         self.host, self.port = address.resolve(host, port)
+        self.drain = drain or Drain(slurm=False)  # its allocation's end (cw.worker.drain)
         self.link = link  # to our supervisor (None: run by hand)
         self.slots = slots
         self.max_jobs = max_jobs          # recycle after this many jobs (0: never)
@@ -99,7 +102,8 @@ class Worker:
         # I/O thread only
         self.flusher: PeriodicCallback | None = None
         self.lane = LaneServer(self)  # lone jobs from clients on this machine
-        info = peer_info(slots=slots, supervisor=os.getppid() if link else None)
+        info = peer_info(slots=slots, supervisor=os.getppid() if link else None,
+                         **self.drain.info())
         self.conn = Connection(self.host, self.port, "worker", info,
                                self._on_message, on_welcome=self._on_welcome, logger=log,
                                on_begin=self.lane.open, insecure=insecure)
@@ -111,6 +115,8 @@ class Worker:
         self.conn.start(connect_timeout)
         self.alias = Alias(self.conn)  # results leave from this thread, on their own socket
         self.lane.start()
+        if self.drain.end is not None:  # the margin before the allocation's end
+            self.conn.call(drain_at, self)
         try:
             self.loop()
         except WorkerShutdown:
@@ -127,6 +133,8 @@ class Worker:
         if message:
             self.alias.send(message)
         if self.conn.welcomed.is_set():
+            if self.drain.reason:  # why, on the BYE's socket: the master logs it first
+                self.alias.send([P.pack(P.DRAIN, self.drain.reason, [])])
             self.alias.send([P.pack(P.BYE)])
         self.alias.close()
         self.lane.close()
@@ -141,11 +149,16 @@ class Worker:
         """Take jobs one by one, run them, note their outcome."""
         while True:
             with self.cond:
-                while not self.pending and self.running:
+                while not self.pending and self.running and not self.drain.reason:
                     self.cond.wait()
-                if not self.running:
+                if not self.running or (self.drain.reason and not self.pending):
                     return
                 job = self.pending.popleft()
+                late = "" if job.lane else self.drain.fits(job.cid, job.digest, job.opts)
+                if late:  # it would outlive the allocation: back with the rest, and leave
+                    self.pending.appendleft(job)
+                    self.start_drain(late)
+                    continue
                 if job.lane is None:
                     self.outbox.note([[job.cid, job.seq]], [], [])
                 context = self.contexts.get(job.cid)
@@ -162,6 +175,7 @@ class Worker:
                 if self._should_recycle():
                     return
                 continue
+            self.drain.learn(job.cid, job.digest, time.perf_counter() - began)
             with self.cond:
                 self.current, self.deadline = None, 0.0
                 if job.seq < 0 or job.epoch != self.epoch:
@@ -173,6 +187,9 @@ class Worker:
                 self.alias.send(message)
             if self._should_recycle():
                 return
+
+    def start_drain(self, reason: str) -> None:
+        give_back(self, reason)  # any thread, once (cw.worker.drain)
 
     def _lane_done(self, job: Task, status: int, frames: list) -> None:
         """A lane job ended: note it (the master counts it, and it ends a LANE_BUSY), then
@@ -328,6 +345,9 @@ class Worker:
                 self.contexts[cid] = (cwd, path)
             for (cid, digest), frame in zip(fns, frames):
                 self.blobs[(cid, digest)] = frame
+            if self.drain.reason:  # sent before it heard of our drain: straight back
+                keys = [[j.cid, j.seq] for j in jobs]
+                return self.conn.send([P.pack(P.DRAIN, self.drain.reason, keys)])
             self.pending.extend(jobs)
             self.cond.notify()
         self.wake_flusher()
@@ -341,7 +361,7 @@ class Worker:
             if known and has_blob:
                 self.blobs[(cid, digest)] = body[0]
             take = known and self.running and self.current is None and not self.pending \
-                and (cid, digest) in self.blobs
+                and (cid, digest) in self.blobs and not self.drain.reason
             wake = take and not self.ticking
             if take:
                 self.ticking = True
@@ -369,20 +389,3 @@ class Worker:
             self.blobs.clear()
             self.forgotten.extend({k[0] for k in self.functions})
             self.outbox.clear()
-
-
-def rss_mb() -> float:
-    """This process's resident memory in MB (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
-
-
-def error_frames(exc: BaseException) -> list:
-    """``[pickled exception or b"", traceback text, msgpack [type name, message]]``."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    try:
-        blob = cloudpickle.dumps(exc, protocol=5)
-    except Exception:
-        blob = b""
-    kind = f"{type(exc).__module__}.{type(exc).__qualname__}"
-    return [blob, text.encode("utf-8", "replace"), msgpack.packb([kind, str(exc)])]

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # notes between a worker process and its supervisor (never exit codes: those are the job's)
 NOTE_REFUSED = b"refused"  # the master refused us: the supervisor does not restart us
 NOTE_RECYCLE = b"recycle"  # a planned restart (--max-jobs, --max-memory, a stuck timed-out job)
+NOTE_DRAINED = b"drained"  # it drained (allocation end, SLURM's signal): not restarted
 NOTE_STOP = b"stop"        # supervisor -> worker: the SIGTERM/SIGINT that follows is a stop
 STOP_GRACE = 2.0           # seconds a signalled worker waits for the supervisor's "stop"
 
@@ -77,8 +78,12 @@ class Supervisor:
     """
 
     def __init__(self, argv: list[str], n: int, host: str | None = None,
-                 port: int | None = None, insecure: bool = False):
+                 port: int | None = None, insecure: bool = False,
+                 drain_signal: signal.Signals | None = None):
         self.argv = argv
+        self.drain_signal = drain_signal  # forwarded: the workers drain, none restarts
+        # the signal that stops a worker: SIGTERM, unless that one means "drain"
+        self.stop_signal = signal.SIGINT if drain_signal == signal.SIGTERM else signal.SIGTERM
         self.n = n
         self.children: dict[int, subprocess.Popen] = {}
         self.born: dict[int, float] = {}
@@ -105,6 +110,8 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        if self.drain_signal is not None:
+            signal.signal(self.drain_signal, self._drain)
         for _ in range(self.n):
             self.spawn()
         self._report_deaths()
@@ -162,6 +169,9 @@ class Supervisor:
             log.error("worker %d cannot work here (the master refused it or never "
                       "answered); not restarting it", pid)
             return
+        if NOTE_DRAINED in note:
+            log.info("worker %d drained and left; not restarting it", pid)
+            return
         if NOTE_RECYCLE in note:
             log.info("worker %d recycled; starting a fresh one", pid)
             return self.spawn()
@@ -189,12 +199,23 @@ class Supervisor:
             except OSError:
                 pass
             try:
-                proc.send_signal(signal.SIGTERM)
+                proc.send_signal(self.stop_signal)
             except ProcessLookupError:
                 pass
         timer = threading.Timer(10.0, self._kill_stragglers)
         timer.daemon = True  # must not keep the supervisor alive once its children are gone
         timer.start()
+
+    def _drain(self, signum, frame) -> None:
+        """The drain signal (SLURM preempts or ends the job): pass it on, restart none."""
+        log.info("supervisor got %s; its %d workers drain", signal.Signals(signum).name,
+                 len(self.children))
+        self.stopping = True
+        for proc in self.children.values():
+            try:
+                proc.send_signal(signum)
+            except ProcessLookupError:
+                pass
 
     def _kill_stragglers(self) -> None:
         for proc in list(self.children.values()):
