@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -227,7 +228,10 @@ def test_cw_workers_submitted_as_an_array_register_run_jobs_and_leave_on_sigint(
     # stops) a cmaster job of the user or of another test; the workers find it through
     # $CW_HOME/default.json, as the launcher's --slurm workers do
     master = procs.master("--connection-file", str(cw_home / "default.json"))
-    ids = submit_workers(3, slurm.worker_script(), name=name)
+    # on this machine's node: the master listens on loopback here, which the test SLURM's
+    # other nodes (network namespaces) cannot reach
+    here = socket.gethostname().split(".")[0]
+    ids = submit_workers(3, slurm.worker_script(), options=[f"--nodelist={here}"], name=name)
     poller = Poller(name, interval=0.0)
     info = master.wait_workers(3, timeout=45)
     assert len({w["pid"] for w in info["workers"]}) == 3
