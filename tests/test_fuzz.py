@@ -38,7 +38,7 @@ FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None
 KINDS = [P.HELLO, P.WELCOME, P.REFUSE, P.WHO, P.HEARTBEAT, P.BYE, P.SUBMIT, P.CANCEL,
          P.CANCELLED, P.JOBS, P.RESULTS, P.FORGET, P.LANE, P.LANE_LOST, P.LANE_BUSY,
          P.LANE_REFUSED, P.LANE_RESULT, P.LJOB, P.LRESULT, P.LSTARTED, P.BOUNCE, P.STATUS,
-         P.STATUS_REPLY, P.DIED]
+         P.STATUS_REPLY, P.DIED, P.DRAIN]
 NOT_KINDS = {"VERSION", "DEFAULT_PORT", "OK", "ERROR", "FAILED", "MAX_PATH_ENTRY",
              "WINDOW_PER_WORKER", "WINDOW_MIN"}
 huge_ints = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1),
@@ -106,6 +106,9 @@ lane_messages = st.one_of(
 worker_messages = st.one_of(
     client_messages,
     lane_messages,
+    header_then(st.tuples(st.just(P.DRAIN), values, values).map(list)),
+    header_then(st.tuples(st.just(P.DRAIN), st.text(max_size=20),
+                          st.lists(st.lists(huge_ints, max_size=3), max_size=4)).map(list)),
     header_then(st.tuples(st.just(P.RESULTS), st.lists(st.lists(values, max_size=3),
                                                        max_size=4),
                           st.lists(st.lists(values, max_size=5), max_size=4)).map(list)),
@@ -136,11 +139,12 @@ typed = {"name": st.text(max_size=300), "host": st.text(max_size=300), "pid": hu
          "python": st.text(max_size=70), "machine": st.text(max_size=20),
          "alias": st.binary(max_size=70), "slots": huge_ints, "lane": st.text(max_size=50),
          "inbox": st.booleans(), "cwd": st.text(max_size=50),
-         "path": st.lists(st.one_of(st.text(max_size=10), values), max_size=4)}
+         "path": st.lists(st.one_of(st.text(max_size=10), values), max_size=4),
+         "slurm_job": st.text(max_size=70), "alloc_end": st.floats()}
 infos = st.one_of(
     values,
     st.fixed_dictionaries({}, optional={name: values for name in P.HELLO_FIELDS}),
-    st.fixed_dictionaries({}, optional={name: st.one_of(typed[name], values)
+    st.fixed_dictionaries({}, optional={name: st.one_of(typed.get(name, values), values)
                                         for name in P.HELLO_FIELDS}),
     st.fixed_dictionaries({}, optional=typed),
 )
