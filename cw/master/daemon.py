@@ -46,6 +46,7 @@ from cw.defaults import (
     DEFAULT_MAX_MESSAGE_SIZE,
 )
 from cw.errors import ProtocolError
+from cw.master.batches import BATCH_KINDS, Batches
 from cw.master.connections import Connections, router
 from cw.master.peers import MAX_FUNCTION_BYTES
 from cw.master.records import ClientRecord, WorkerRecord
@@ -69,7 +70,8 @@ class Master:
                  insecure: bool = False, local_socket: bool = True,
                  dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_function_bytes: int = MAX_FUNCTION_BYTES):
+                 max_function_bytes: int = MAX_FUNCTION_BYTES,
+                 journal: str | None = None, journal_max_bytes: int | None = None):
         self.bind_host = host
         self.handshake_timeout = handshake_timeout
         self.refusals = cli.Throttled(log)
@@ -87,6 +89,7 @@ class Master:
         self.auth: ThreadAuthenticator | None = None
         self.scheduler = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
                                max_function_bytes=max_function_bytes)
+        self.batches = Batches(self, journal, journal_max_bytes)  # named batches
         self.conns = Connections(self.scheduler, self._send, self._changed)
         self.monitors = self.conns.monitors  # each ROUTER's connection events, and handlers
         self.ctx = zmq.Context()
@@ -198,6 +201,7 @@ class Master:
         if self.sock is None:
             self.bind()
         self.loop = IOLoop.current()
+        self.batches.open(self.loop)
         aio = asyncio.get_event_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -254,6 +258,7 @@ class Master:
                 self.local_sock.close(linger=0)
                 local.remove(self.local_endpoint)
             self.sock.close(linger=0)
+        self.batches.close()
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -295,6 +300,8 @@ class Master:
         info = self.scheduler.status(mono)
         info["time"] = time.time()
         info["throughput_last_minute"] = round(self.throughput.rate(mono, info["routed"]), 3)
+        info["batches"] = self.batches.rows()
+        info["journal"] = self.batches.path  # None: batches do not outlive this master
         return info
 
     def tick(self) -> None:
@@ -366,6 +373,8 @@ class Master:
             assert self.loop is not None  # run() set it: only its loop calls us
             self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
             return
+        if isinstance(peer, ClientRecord) and kind in BATCH_KINDS:
+            return self.batches.handle(peer, kind, header, frames)
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
 
     def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame,
