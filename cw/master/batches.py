@@ -216,23 +216,29 @@ class Batches(BatchRequests):
                 new.append((seq, digest, [as_bytes(f) for f in job_frames], opts))
                 last = seq
         upto = max((e[0] for e in entries), default=0)
+        fids: list[bytes] = []
         try:
             fids = [self._function(peer, digest) for _, digest, _, _ in new]
             seq = journal.add_jobs(name, [(k, fid, _pack(fr), opts) for (k, _, fr, opts), fid
                                           in zip(new, fids)]) if new else journal.seq
         except JournalFull as exc:
-            log.warning("batch %s: %d jobs refused: %s", name, len(new), exc)
-            self._fail(peer.ident, [k for k, _, _, _ in new], exc)
-            self.master._send(peer.ident, [P.pack(P.ACKED, name, upto, str(exc))])
-            return
+            seq, taken = self._as_many_as_fit(name, new, fids)
+            log.warning("batch %s: %d jobs refused: %s", name, len(new) - taken, exc)
+            self._fail(peer.ident, [k for k, _, _, _ in new[taken:]], exc)
+            ident, error = peer.ident, str(exc)
+            self.after_durable(seq, partial(self.master._send, ident,
+                                            [P.pack(P.ACKED, name, upto, error)]))
+            del new[taken:], fids[taken:]
+            upto = -1  # acknowledged above
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
         if bad:
             self._fail(peer.ident, bad, ProtocolError("a job names a function the master "
                                                       "was never sent"))
         ident = peer.ident
-        self.after_durable(seq, lambda: self.master._send(
-            ident, [P.pack(P.ACKED, name, upto, None)]))
+        if upto >= 0:
+            self.after_durable(seq, partial(self.master._send, ident,
+                                            [P.pack(P.ACKED, name, upto, None)]))
         if skipped:
             self._resend(ident, name, skipped)
         if new and next(journal.pending(name, after=st.cursor), None) == new[0][0]:
@@ -246,6 +252,18 @@ class Batches(BatchRequests):
                 room -= sum(map(len, fr))
             self._feed(st, now)
         self.ask_refill()
+
+    def _as_many_as_fit(self, name: str, new: list, fids: list[bytes]) -> tuple[int, int]:
+        """The journal is full: journal the first jobs one by one while they fit; returns
+        the covering seq and how many were taken."""
+        journal, taken = self.journal, 0
+        for (key, _, frames, opts), fid in zip(new, fids):
+            try:
+                journal.add_jobs(name, [(key, fid, _pack(frames), opts)])
+            except JournalFull:
+                break
+            taken += 1
+        return journal.seq, taken
 
     def _function(self, peer: ClientRecord, digest: bytes) -> bytes:
         """The journal id of a client's function in its context, journaled if new."""

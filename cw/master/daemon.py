@@ -201,7 +201,6 @@ class Master:
         if self.sock is None:
             self.bind()
         self.loop = IOLoop.current()
-        self.batches.open(self.loop)
         aio = asyncio.get_event_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -211,6 +210,7 @@ class Master:
         self.readers = [SocketLoop(self.loop, sock, partial(self.on_message, sock=sock),
                                    self.scheduler.flush)
                         for sock in (self.sock, self.local_sock) if sock is not None]
+        self.batches.open(self.loop)  # the journal: its batches' pending jobs queue again
         self.monitor_readers = [SocketLoop(self.loop, monitor, handle, lambda: None)
                                 for monitor, handle in self.monitors]
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
