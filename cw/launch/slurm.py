@@ -37,6 +37,7 @@ from cw.conn import address
 from cw.errors import LaunchError, MasterNotFound, MasterUnreachable
 from cw.launch.common import (
     allocated,
+    journal_flags,
     log_tail,
     print_master_status,
     pythonpath,
@@ -247,7 +248,8 @@ def _submit_master(port: int, options: Sequence[str], log_level: str) -> str:
                           f"{getpass.getuser()}; run `slurm.py stop` first")
     _clear_stale_connection_file()
     command = [sys.executable, "-m", "cw.master", "--port", str(port), "--connection-file",
-               str(address.default_connection_file()), "--log-level", log_level]
+               str(address.default_connection_file()), "--log-level", log_level,
+               *journal_flags(f"slurm-{port}")]
     return _sbatch(JOB_MASTER, _script(command),
                    ["--ntasks=1", f"--comment={PORT_TAG}{port}", *options])
 
