@@ -18,6 +18,7 @@ import pytest
 from cw.batch import Batch, list_batches
 from cw.client import ClientThread, ClusterExecutor
 from cw.errors import JournalFull, UnknownBatch
+from cw.status import format_table
 
 from conftest import gated, wait_for
 
@@ -251,6 +252,7 @@ def test_without_journal_batches_outlive_the_client(procs, tmp_path):
         assert batch.results(timeout=30) == [0, 1, 4, 9, 16]
     status = master.status()
     assert status["journal"] is None and status["batches"][0]["durable"] is False
+    assert "mem" in format_table(status) and "do not outlive" in format_table(status)
     assert "no --journal" in master.stderr()
 
 
