@@ -40,10 +40,10 @@ import zmq
 
 from cw import protocol as P
 from cw.errors import JournalFull, ProtocolError, UnknownBatch
+from cw.master.batch_outbox import BatchOutbox
 from cw.master.batch_requests import BatchRequests, unpack
 from cw.master.journal import Journal
 from cw.master.records import ClientRecord
-from cw.serialize import dumps
 
 if TYPE_CHECKING:
     from cw.master.daemon import Master
@@ -87,7 +87,7 @@ class BatchState:
         self.waiters: list[list] = []   # [ident, rid, seen, timeout handle]: BATCH_STATUS waits
 
 
-class Batches(BatchRequests):
+class Batches(BatchRequests, BatchOutbox):
     """Every named batch of one master, and its journal."""
 
     def __init__(self, master: Master, path: str | None = None,
@@ -102,6 +102,8 @@ class Batches(BatchRequests):
         self.fids: dict[tuple[bytes, bytes], bytes] = {}  # (client, digest) -> journal fid
         self._after: deque[tuple[int, Callable[[], object]]] = deque()
         self._refill_asked = False
+        self._backlog: dict[bytes, deque[list]] = {}  # client -> messages its queue refused
+        self._retrying = False
         self._compacting = False
         self._compact_again = False
         self.loop = None
@@ -187,7 +189,7 @@ class Batches(BatchRequests):
         """Answer a request once what it saw is durable."""
         err = None if error is None else [type(error).__name__, str(error)]
         msg = [P.pack(P.BATCH_REPLY, rid, err, value), *(frames or ())]
-        self.after_durable(self.journal.seq, lambda: self.master._send(ident, msg))
+        self.after_durable(self.journal.seq, lambda: self.send(ident, msg))
 
     # ---------------------------------------------------------------- submitting
     def submit(self, peer: ClientRecord, name, fns, jobs, frames: list) -> None:
@@ -226,7 +228,7 @@ class Batches(BatchRequests):
             log.warning("batch %s: %d jobs refused: %s", name, len(new) - taken, exc)
             self._fail(peer.ident, [k for k, _, _, _ in new[taken:]], exc)
             ident, error = peer.ident, str(exc)
-            self.after_durable(seq, partial(self.master._send, ident,
+            self.after_durable(seq, partial(self.send, ident,
                                             [P.pack(P.ACKED, name, upto, error)]))
             del new[taken:], fids[taken:]
             upto = -1  # acknowledged above
@@ -237,7 +239,7 @@ class Batches(BatchRequests):
                                                       "was never sent"))
         ident = peer.ident
         if upto >= 0:
-            self.after_durable(seq, partial(self.master._send, ident,
+            self.after_durable(seq, partial(self.send, ident,
                                             [P.pack(P.ACKED, name, upto, None)]))
         if skipped:
             self._resend(ident, name, skipped)
@@ -275,26 +277,6 @@ class Batches(BatchRequests):
             self.journal.add_function(fid, _pack([blob, peer.cwd, peer.path]))
             self.fids[(peer.ident, digest)] = fid
         return fid
-
-    def _fail(self, ident: bytes, keys: list[int], error: Exception) -> None:
-        """Fail a client's jobs that were never journaled."""
-        if keys:
-            payload = dumps(error, "error")
-            done = [[k, P.FAILED, len(payload)] for k in keys]
-            self.master._send(ident, [P.pack(P.RESULTS, [], done),
-                                      *(f for _ in keys for f in payload)])
-
-    def _resend(self, ident: bytes, name: str, keys: list[int]) -> None:
-        """Outcomes a resubmitting client missed (while we restarted)."""
-        done, frames = [], []
-        for key in keys:
-            out = self.journal.read_outcome(name, key)
-            if out is not None:
-                _id, payload = unpack(out.payload)
-                done.append([key, out.status, len(payload)])
-                frames += payload
-        if done:
-            self.master._send(ident, [P.pack(P.RESULTS, [], done), *frames])
 
     # ---------------------------------------------------------------- the window
     def _room(self, st: BatchState) -> tuple[int, int]:
@@ -365,7 +347,7 @@ class Batches(BatchRequests):
         if started:
             msg = [P.pack(P.RESULTS, started, [])]
             for ident in self.listeners(name):
-                self.master._send(ident, msg)
+                self.send(ident, msg)
         if not done:
             return
         outs, payloads, pos = [], [], 1
@@ -382,7 +364,7 @@ class Batches(BatchRequests):
         """Outcomes are durable: pass them on, wake the waiters."""
         msg = [P.pack(P.RESULTS, [], done), *payloads]
         for ident in self.listeners(name):
-            self.master._send(ident, msg)
+            self.send(ident, msg)
         self.wake(name)
 
     def listeners(self, name: str) -> list[bytes]:
