@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cw.batch import Batch  # noqa: E402
-from cw.client import ClusterExecutor  # noqa: E402
-from cw.status import status  # noqa: E402
+from cw.batch import Batch
+from cw.client import ClusterExecutor
+from cw.status import status
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,8 @@
     detach(): wait until every job is acknowledged, then leave: the jobs go on running
 
 After a master restart the session opens nothing again: its resubmitted jobs name the batch,
-the master skips those it journaled already and sends the outcomes it has of them.
+the master skips those it journaled already and sends the outcomes it has of them (so an
+acknowledged job keeps none of its argument bytes here: it is resent with an empty frame).
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ from cw.errors import BatchInUse, CwError, JournalFull, ProtocolError, UnknownBa
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 30.0   # seconds BATCH_OPEN may take (the master may be busy journaling)
+CHUNK_BYTES = 2 << 20  # argument bytes per BATCH_SUBMIT message
+CHUNK_JOBS = 2048      # jobs per BATCH_SUBMIT message
+ACKED_FRAMES = [b""]  # what an acknowledged job keeps of its arguments
 ERRORS: dict[str, type[Exception]] = {
     "UnknownBatch": UnknownBatch, "BatchInUse": BatchInUse, "JournalFull": JournalFull,
     "ProtocolError": ProtocolError}
@@ -75,6 +79,21 @@ class BatchSession(Session):
         self.last = seq
         return seq
 
+    def flush(self) -> None:
+        """Send the unsent jobs in messages of at most CHUNK_BYTES / CHUNK_JOBS (the master
+        copies each into its journal: small messages keep its memory small)."""
+        with self.lock:
+            self.flush_asked = False
+            batch, self.unsent = self.unsent, []
+            i = 0
+            while i < len(batch):
+                j, size = i, 0
+                while j < len(batch) and (j == i or (size < CHUNK_BYTES and j - i < CHUNK_JOBS)):
+                    size += batch[j].size
+                    j += 1
+                self.conn.send(self._message(batch[i:j]))
+                i = j
+
     def _message(self, batch: list[ClientJob]) -> list:
         """BATCH_SUBMIT, not SUBMIT (under lock)."""
         frames = super()._message(batch)
@@ -107,6 +126,8 @@ class BatchSession(Session):
                 if not job.held and job.seq in self.jobs:
                     self.inflight -= job.size  # at the master's disk now, not in its RAM
                 job.size = 0
+                job.frames = ACKED_FRAMES  # durable there: resent (after a master restart)
+                #                            only so that the master sends its outcome
             moved = self._admit()
         with self.acks:
             self.acked = max(self.acked, upto)

@@ -57,6 +57,11 @@ BATCH_KINDS = frozenset((P.BATCH_OPEN, P.BATCH_SUBMIT, P.BATCH_LIST, P.BATCH_STA
 _pack = msgpack.Packer(use_bin_type=True).pack
 
 
+def pack_frames(frames: list) -> bytes:
+    """A job's frames as one journal payload (msgpack), without copying them first."""
+    return _pack([f.buffer if isinstance(f, zmq.Frame) else f for f in frames])
+
+
 def as_bytes(frame) -> bytes:
     """The bytes of a zmq.Frame, bytes or memoryview."""
     return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
@@ -215,14 +220,14 @@ class Batches(BatchRequests, BatchOutbox):
             elif digest not in peer.functions:
                 bad.append(seq)
             else:
-                new.append((seq, digest, [as_bytes(f) for f in job_frames], opts))
+                new.append((seq, digest, job_frames, opts))
                 last = seq
         upto = max((e[0] for e in entries), default=0)
         fids: list[bytes] = []
         try:
             fids = [self._function(peer, digest) for _, digest, _, _ in new]
-            seq = journal.add_jobs(name, [(k, fid, _pack(fr), opts) for (k, _, fr, opts), fid
-                                          in zip(new, fids)]) if new else journal.seq
+            seq = journal.add_jobs(name, [(k, fid, pack_frames(fr), opts) for (k, _, fr, opts),
+                                          fid in zip(new, fids)]) if new else journal.seq
         except JournalFull as exc:
             seq, taken = self._as_many_as_fit(name, new, fids)
             log.warning("batch %s: %d jobs refused: %s", name, len(new) - taken, exc)
@@ -261,7 +266,7 @@ class Batches(BatchRequests, BatchOutbox):
         journal, taken = self.journal, 0
         for (key, _, frames, opts), fid in zip(new, fids):
             try:
-                journal.add_jobs(name, [(key, fid, _pack(frames), opts)])
+                journal.add_jobs(name, [(key, fid, pack_frames(frames), opts)])
             except JournalFull:
                 break
             taken += 1
