@@ -279,3 +279,22 @@ def test_cli_json(procs, tmp_path):
     assert code == 0
     code, _, err = cli("status", "cli", master.address)
     assert code == 2 and "no batch" in err
+
+
+def test_live_executor_through_a_master_restart(procs, tmp_path):
+    """Futures of a batch still connected settle after a master SIGKILL: the session sends
+    its unsettled jobs again, the master skips those it journaled and runs what is queued."""
+    master = journal_master(procs, tmp_path)
+    procs.workers(master, 2)
+    gate = tmp_path / "gate"
+    with ClusterExecutor(master.host, master.port, batch="live-restart") as ex:
+        quick = [ex.submit(slow_square, i) for i in range(10)]
+        assert [f.result(30) for f in quick] == [i * i for i in range(10)]
+        gated_futures = [ex.submit(slow_square, i, str(gate)) for i in range(10, 30)]
+        wait_for(lambda: ex._session.acked >= 30, 20, "the jobs to be acknowledged")
+        master = restart(procs, master, tmp_path)
+        gate.touch()
+        assert [f.result(60) for f in gated_futures] == [i * i for i in range(10, 30)]
+        ex.detach()
+    with Batch("live-restart", master.host, master.port) as batch:
+        assert [k for k, _ in batch.outcomes(timeout=30)] == list(range(1, 31))

@@ -45,6 +45,20 @@ def error_of(err: list | None) -> Exception | None:
     return ERRORS.get(kind, CwError)(message)
 
 
+class InOrder:
+    """Stands for the session's Alias: a lone job goes through the I/O thread like any
+    batch, so no message overtakes another (the master journals keys in increasing order)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def send(self, frames: list) -> None:
+        self.conn.call(self.conn.send, frames)
+
+    def close(self) -> None:
+        pass
+
+
 class BatchSession(Session):
     """A Session whose jobs go to the named batch ``batch`` at the master."""
 
@@ -60,6 +74,8 @@ class BatchSession(Session):
         self._reply: list = []
         self._opened = threading.Event()
         super().__init__(*args, **kwargs)
+        self.alias.close()
+        self.alias = InOrder(self.conn)  # type: ignore[assignment]  # keys stay in order
         self.conn.call(self.conn.send, [P.pack(P.BATCH_OPEN, 0, batch)])
         if not self._opened.wait(OPEN_TIMEOUT):
             self.close()

@@ -9,17 +9,22 @@
     BATCH_CANCEL rid name          queued jobs never run: the counts
     BATCH_FORGET rid name          the batch and its outcomes are dropped, space given back
 
-Every answer is a BATCH_REPLY [rid, error, value] sent once what it reports is durable;
+Also the payload helpers the batch modules share (journaled payloads are msgpack lists of
+frames). Every answer is a BATCH_REPLY [rid, error, value] sent once what it reports is durable;
 error is None or [type name, message] (UnknownBatch, BatchInUse, ProtocolError).
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from concurrent.futures import CancelledError
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
+import zmq
 
 from cw import protocol as P
 from cw.errors import BatchInUse, CwError, ProtocolError, UnknownBatch
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
     from cw.master.records import ClientRecord
 
 log = logging.getLogger(__name__)
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 PAGE_ENTRIES = 20_000      # most keys in one BATCH_FETCH answer
 MAX_PAGE = 16 << 20        # most outcome bytes in one (one outcome always goes)
@@ -41,6 +47,42 @@ MAX_WAIT = 300.0           # longest BATCH_STATUS wait
 def unpack(data: bytes) -> Any:
     """Decode a journaled payload (msgpack)."""
     return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+
+
+def pack_frames(frames: list) -> bytes:
+    """A job's frames as one journal payload (msgpack), without copying them first."""
+    return _pack([f.buffer if isinstance(f, zmq.Frame) else f for f in frames])
+
+
+def journal_has(journal: Journal, name: str, key: int) -> bool:
+    """Whether batch ``name`` of the journal has job ``key``."""
+    try:
+        journal.state(name, key)
+    except KeyError:
+        return False
+    return True
+
+
+def as_bytes(frame) -> bytes:
+    """The bytes of a zmq.Frame, bytes or memoryview."""
+    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
+
+
+def remove_stale_tmp() -> None:
+    """Temporary journals of masters that died without removing theirs."""
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        if not name.startswith("cw-batches-"):
+            continue
+        try:
+            pid = int(name.split("-")[2])
+            os.kill(pid, 0)
+        except (ValueError, IndexError):
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        except PermissionError:
+            continue
 
 
 class BatchRequests:

@@ -36,12 +36,18 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import msgpack
-import zmq
 
 from cw import protocol as P
 from cw.errors import JournalFull, ProtocolError, UnknownBatch
 from cw.master.batch_outbox import BatchOutbox
-from cw.master.batch_requests import BatchRequests, unpack
+from cw.master.batch_requests import (
+    BatchRequests,
+    as_bytes,
+    journal_has,
+    pack_frames,
+    remove_stale_tmp,
+    unpack,
+)
 from cw.master.journal import Journal
 from cw.master.records import ClientRecord
 
@@ -55,16 +61,6 @@ PSEUDO = b"\0batch:"       # the identity prefix of a batch's pseudo-client
 BATCH_KINDS = frozenset((P.BATCH_OPEN, P.BATCH_SUBMIT, P.BATCH_LIST, P.BATCH_STATUS,
                          P.BATCH_FETCH, P.BATCH_CANCEL, P.BATCH_FORGET))
 _pack = msgpack.Packer(use_bin_type=True).pack
-
-
-def pack_frames(frames: list) -> bytes:
-    """A job's frames as one journal payload (msgpack), without copying them first."""
-    return _pack([f.buffer if isinstance(f, zmq.Frame) else f for f in frames])
-
-
-def as_bytes(frame) -> bytes:
-    """The bytes of a zmq.Frame, bytes or memoryview."""
-    return frame.bytes if isinstance(frame, zmq.Frame) else bytes(frame)
 
 
 class Sink:
@@ -124,7 +120,7 @@ class Batches(BatchRequests, BatchOutbox):
         self.loop = loop
         path = self.path
         if path is None:
-            _remove_stale_tmp()
+            remove_stale_tmp()
             path = self.tmp = tempfile.mkdtemp(prefix=f"cw-batches-{os.getpid()}-")
             log.warning("no --journal: named batches outlive their clients but not this "
                         "master (kept in %s until it stops)", path)
@@ -216,7 +212,10 @@ class Batches(BatchRequests, BatchOutbox):
             job_frames = frames[pos:pos + n]
             pos += n
             if last is not None and seq <= last:
-                skipped.append(seq)  # journaled already (resubmitted after our restart)
+                if journal_has(journal, name, seq):
+                    skipped.append(seq)  # journaled already (resubmitted after our restart)
+                else:
+                    bad.append(seq)  # out of order: never journaled, and it cannot be now
             elif digest not in peer.functions:
                 bad.append(seq)
             else:
@@ -240,8 +239,8 @@ class Batches(BatchRequests, BatchOutbox):
         except ValueError as exc:
             raise ProtocolError(str(exc)) from None
         if bad:
-            self._fail(peer.ident, bad, ProtocolError("a job names a function the master "
-                                                      "was never sent"))
+            self._fail(peer.ident, bad, ProtocolError(
+                "a job names a function the master was never sent, or came out of order"))
         ident = peer.ident
         if upto >= 0:
             self.after_durable(seq, partial(self.send, ident,
@@ -381,20 +380,3 @@ class Batches(BatchRequests, BatchOutbox):
         if gone:
             self.fids = {k: v for k, v in self.fids.items() if k[0] in clients}
         return [i for i, n in self.bound.items() if n == name]
-
-
-def _remove_stale_tmp() -> None:
-    """Temporary journals of masters that died without removing theirs."""
-    base = tempfile.gettempdir()
-    for name in os.listdir(base):
-        if not name.startswith("cw-batches-"):
-            continue
-        try:
-            pid = int(name.split("-")[2])
-            os.kill(pid, 0)
-        except (ValueError, IndexError):
-            continue
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
-        except PermissionError:
-            continue
