@@ -298,3 +298,16 @@ def test_live_executor_through_a_master_restart(procs, tmp_path):
         ex.detach()
     with Batch("live-restart", master.host, master.port) as batch:
         assert [k for k, _ in batch.outcomes(timeout=30)] == list(range(1, 31))
+
+
+def test_detach_inside_with_does_not_wait_for_outcomes(procs, tmp_path):
+    master = journal_master(procs, tmp_path)
+    gate = tmp_path / "gate"
+    with ClusterExecutor(master.host, master.port, batch="with") as ex:
+        future = ex.submit(slow_square, 7, str(gate))
+        ex.detach()  # then the with block ends: nothing to wait for here
+    assert not future.done()
+    procs.workers(master, 1)
+    gate.touch()
+    with Batch("with", master.host, master.port) as batch:
+        assert batch.results(timeout=30) == [49]

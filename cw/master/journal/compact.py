@@ -1,4 +1,4 @@
-"""Compaction of a cw journal (cw/master/journal/store.py): give back the space of forgotten batches.
+"""Compaction of a cw journal (cw/master/journal/store.py): give back forgotten batches' space.
 
     under the lock: rotate (a new active segment A); note the live batches and their job counts
     no lock:        flush; copy the live records of segments < A into seg-(A-1).log.tmp; fsync
