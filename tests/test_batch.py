@@ -311,3 +311,16 @@ def test_detach_inside_with_does_not_wait_for_outcomes(procs, tmp_path):
     gate.touch()
     with Batch("with", master.host, master.port) as batch:
         assert batch.results(timeout=30) == [49]
+
+
+def test_cw_journal_environment_variable(procs, tmp_path):
+    path = tmp_path / "env-journal"
+    master = procs.master(env={"CW_JOURNAL": str(path)})
+    assert master.status()["journal"] == str(path)
+    ex = ClusterExecutor(master.host, master.port, batch="env")
+    ex.submit(slow_square, 3)
+    ex.detach()
+    assert list(path.glob("seg-*.log"))
+    master = restart(procs, master, tmp_path / "unused")  # --journal elsewhere ...
+    with pytest.raises(UnknownBatch):  # ... so this master does not know the batch
+        Batch("env", master.host, master.port)
