@@ -40,12 +40,13 @@ POLL = 30.0             # seconds one long poll may wait at the master
 REPLY_SLACK = 30.0      # seconds a reply may take beyond that before we ask again
 
 
-class Batch:
-    """A named batch at a master: its progress, outcomes, and control (see the module)."""
+class Link:
+    """A client connection to the master that asks about batches (request, reply by rid)."""
 
-    def __init__(self, name: str, host: str | None = None, port: int | None = None, *,
+    name = ""
+
+    def __init__(self, host: str | None = None, port: int | None = None, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, insecure: bool = False):
-        self.name = name
         self.host, self.port = address.resolve(host, port)
         self._pending: dict[int, list] = {}
         self._lock = threading.Lock()
@@ -54,11 +55,6 @@ class Batch:
         self._conn = Connection(self.host, self.port, "client", peer_info(), self._on_message,
                                 on_welcome=self._on_welcome, logger=log, insecure=insecure)
         self._conn.start(connect_timeout)
-        try:
-            self.status()
-        except BaseException:
-            self.close()
-            raise
 
     # ---------------------------------------------------------------- requests
     def _request(self, kind: int, *args: Any, wait: float = 0.0,
@@ -101,7 +97,27 @@ class Batch:
                 for entry in self._pending.values():
                     entry[0].set()
 
-    # ---------------------------------------------------------------- the API
+    def close(self) -> None:
+        """Disconnect (the batches stay at the master)."""
+        if not self._closed:
+            self._closed = True
+            self._conn.close()
+
+
+class Batch(Link):
+    """A named batch at a master: its progress, outcomes, and control (see the module).
+    UnknownBatch (a LookupError) at once if the master has no batch ``name``."""
+
+    def __init__(self, name: str, host: str | None = None, port: int | None = None, *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT, insecure: bool = False):
+        self.name = name
+        super().__init__(host, port, connect_timeout=connect_timeout, insecure=insecure)
+        try:
+            self.status()
+        except BaseException:
+            self.close()
+            raise
+
     def status(self, timeout: float = 60.0) -> dict:
         """``{"jobs", "queued", "running", "done", "failed", "cancelled"}``."""
         value, _ = self._request(P.BATCH_STATUS, self.name, None, 0,
@@ -201,12 +217,6 @@ class Batch:
         """The master drops the batch and its stored outcomes (their space is given back)."""
         self._request(P.BATCH_FORGET, self.name)
 
-    def close(self) -> None:
-        """Disconnect (the batch stays at the master)."""
-        if not self._closed:
-            self._closed = True
-            self._conn.close()
-
     def __enter__(self) -> Batch:
         return self
 
@@ -220,20 +230,12 @@ class Batch:
 def list_batches(host: str | None = None, port: int | None = None, *,
                  insecure: bool = False) -> list[dict]:
     """Every batch at the master: ``[{"name", "jobs", "queued", ..., "durable"}]``."""
-    host, port = address.resolve(host, port)
-    conn_batch = Batch.__new__(Batch)
-    conn_batch.name, conn_batch.host, conn_batch.port = "", host, port
-    conn_batch._pending, conn_batch._lock = {}, threading.Lock()
-    conn_batch._rids, conn_batch._closed = itertools.count(1), False
-    conn_batch._conn = Connection(host, port, "client", peer_info(), conn_batch._on_message,
-                                  on_welcome=conn_batch._on_welcome, logger=log,
-                                  insecure=insecure)
-    conn_batch._conn.start(DEFAULT_CONNECT_TIMEOUT)
+    link = Link(host, port, insecure=insecure)
     try:
-        value, _ = conn_batch._request(P.BATCH_LIST, deadline=time.monotonic() + 60)
+        value, _ = link._request(P.BATCH_LIST, deadline=time.monotonic() + 60)
         return value
     finally:
-        conn_batch.close()
+        link.close()
 
 
 def _settled(status: dict) -> int:
