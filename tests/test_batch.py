@@ -324,3 +324,32 @@ def test_cw_journal_environment_variable(procs, tmp_path):
     master = restart(procs, master, tmp_path / "unused")  # --journal elsewhere ...
     with pytest.raises(UnknownBatch):  # ... so this master does not know the batch
         Batch("env", master.host, master.port)
+
+
+def test_forget_makes_room_in_a_full_journal(procs, tmp_path):
+    master = journal_master(procs, tmp_path, "--journal-max-bytes", "400000")
+    procs.workers(master, 1)
+    ex = ClusterExecutor(master.host, master.port, batch="first")
+    for _ in range(30):
+        ex.submit(len, b"z" * 10_000)
+    ex.detach()
+    ex = ClusterExecutor(master.host, master.port, batch="second")
+    for _ in range(30):
+        ex.submit(len, b"z" * 10_000)
+    with pytest.raises(JournalFull):
+        ex.detach(timeout=30)
+    with Batch("first", master.host, master.port) as batch:
+        assert batch.results(timeout=30) == [10_000] * 30
+        batch.forget()
+
+    def accepted():
+        ex = ClusterExecutor(master.host, master.port, batch="third")
+        future = ex.submit(len, b"z" * 10_000)
+        try:
+            ex.detach(timeout=30)
+        except JournalFull:
+            return False
+        return future
+    assert wait_for(accepted, 30, "room again after forget()")
+    with Batch("third", master.host, master.port) as batch:
+        assert batch.results(timeout=30)[-1] == 10_000
