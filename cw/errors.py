@@ -14,6 +14,7 @@
      ├── QuotaExceeded        the master refused a job: its client holds too much there
      ├── JobTimeout           the job ran past its deadline (also a TimeoutError)
      ├── UnknownBatch         no batch of that name (also a LookupError)
+ ├── BatchInUse           another client is submitting to that batch
      └── JournalError         the master's journal (cw/master/journal/store.py) failed
           ├── JournalCorrupt  a bad record where no crash could have left one
           ├── JournalFull     an append would pass the journal's max_bytes
@@ -126,6 +127,10 @@ class JobTimeout(CwError, TimeoutError):
 
 class UnknownBatch(CwError, LookupError):
     """No batch of this name exists (it was never created, or it was forgotten)."""
+
+
+class BatchInUse(CwError):
+    """Another connected client has the named batch open for submitting."""
 
 
 class JournalError(CwError):

@@ -39,6 +39,15 @@ messages use the same headers and frames, on plain Unix sockets (cw.conn.lane fr
     worker --LANE_REFUSED cid--> master: it cannot reach that client's inbox; the master takes
                                  the lane back for good (LANE_LOST) and the client resends
     worker --RESULTS ... lane [[cid, seq]]--> master (counts lane jobs done, a tick later)
+
+Named batches (campaigns, cw.master.batches): jobs that belong to a batch, not to a client,
+journaled before they are acknowledged; requests carry an id (rid) their reply repeats::
+
+    client --BATCH_OPEN rid name--> master --BATCH_REPLY rid None {next, status}--> client
+    client --BATCH_SUBMIT name fns jobs + frames--> journal --(fsync)--> ACKED upto error
+    master --RESULTS [] done--> the batch's submitting client, once the outcome is durable
+    any client --BATCH_LIST / BATCH_STATUS / BATCH_FETCH / BATCH_CANCEL / BATCH_FORGET-->
+           master --BATCH_REPLY rid error value + frames--> (error: [type name, message])
 """
 from __future__ import annotations
 
@@ -91,6 +100,21 @@ DRAIN = 60       # worker -> master: [DRAIN, reason, [[cid, seq]]]: it drains (i
                  #   jobs back (re-queued uncharged), finishes what runs and says BYE
 STATUS = 30      # any -> master: [STATUS]
 STATUS_REPLY = 31  # master -> asker: [STATUS_REPLY, {...}]
+
+BATCH_OPEN = 50    # client -> master: [BATCH_OPEN, rid, name]: reply {"next": key, "status"}
+BATCH_SUBMIT = 51  # client -> master: [BATCH_SUBMIT, name, fns, jobs] + frames, as SUBMIT
+ACKED = 52         # master -> client: [ACKED, name, upto, error]: its jobs up to key upto are
+                   #   durable (error: None, or why those not journaled failed: JournalFull)
+BATCH_LIST = 53    # client -> master: [BATCH_LIST, rid]: reply [{"name", status...}]
+BATCH_STATUS = 54  # client -> master: [BATCH_STATUS, rid, name, seen, timeout]: reply the
+                   #   status; with seen (a settled count) not before more than seen settled,
+                   #   all did, or timeout seconds passed
+BATCH_FETCH = 55   # client -> master: [BATCH_FETCH, rid, name, after, max_bytes]: reply
+                   #   [[[key, status, nframes, id]], last, more] + frames: keys after
+                   #   ``after`` in order; status -1 pending, -2 cancelled
+BATCH_CANCEL = 56  # client -> master: [BATCH_CANCEL, rid, name]: reply the status
+BATCH_FORGET = 57  # client -> master: [BATCH_FORGET, rid, name]: reply None
+BATCH_REPLY = 59   # master -> client: [BATCH_REPLY, rid, error, value] + frames
 
 ROLES = ("client", "worker", "supervisor", "status")
 

@@ -6,9 +6,11 @@ The dict: ``master_id``, ``queue`` (jobs waiting), ``routed`` (results delivered
 ``throughput_last_minute`` (results/s), ``time`` (the master's clock),
 ``discarded`` (results dropped because their client had gone), ``workers`` (name, host, pid,
 state, current job and for how long, jobs held, done, failures, seconds since last heard)
-and ``clients`` (name, host, pid, queued, running, done, submitted); with ``--adapt``,
-``adapt`` (cw.master.elastic.Elastic.status: limits, workers wanted, worker jobs, SLURM's
-pending reasons, squeue calls made).
+and ``clients`` (name, host, pid, queued, running, done, submitted; a named batch's jobs are
+those of its pseudo-client "batch:NAME"), ``batches`` (name, jobs, queued, running, done,
+failed, cancelled, durable), ``journal`` (its path; None: batches do not outlive the
+master) and, with ``--adapt``, ``adapt`` (cw.master.elastic.Elastic.status: limits, workers
+wanted, worker jobs, SLURM's pending reasons, squeue calls made).
 """
 from __future__ import annotations
 
@@ -75,6 +77,16 @@ def format_table(info: dict) -> str:
         lines.append(f"{'client':<24} {'queued':>7} {'running':>7} {'done':>8}")
         for c in info["clients"]:
             lines.append(f"{c['name']:<24} {c['queued']:>7} {c['running']:>7} {c['done']:>8}")
+    batches = info.get("batches") or []
+    if batches:
+        where = info.get("journal") or "none: batches do not outlive the master"
+        lines.append(f"{'batch':<24} {'jobs':>9} {'done':>9} {'failed':>7} {'queued':>8} "
+                     f"{'running':>7} {'progress':>8}   (journal: {where})")
+        for b in batches:
+            settled = b["done"] + b["failed"] + b["cancelled"]
+            share = 100.0 * settled / b["jobs"] if b["jobs"] else 100.0
+            lines.append(f"{b['name']:<24} {b['jobs']:>9} {b['done']:>9} {b['failed']:>7} "
+                         f"{b['queued']:>8} {b['running']:>7} {share:>7.1f}%")
     return "\n".join(lines)
 
 

@@ -30,8 +30,10 @@ class ClientThread:
     def __init__(self, callback: Callable[[Any, Any], None], host: str | None = None,
                  port: int | None = None, *,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False,
+                 batch: str | None = None):
         self.callback = callback
+        self.batch = batch
         self.insecure = insecure
         self.host, self.port = host, port
         self.connect_timeout = connect_timeout
@@ -43,6 +45,11 @@ class ClientThread:
 
     def start(self) -> ClientThread:
         """Connect to the master (raises MasterUnreachable if none answers)."""
+        if self._session is None and self.batch is not None:
+            from cw.client.batched import BatchSession  # a named, durable batch
+            self._session = BatchSession(self.host, self.port, lambda jobid: None, self._done,
+                                         self.connect_timeout, self.master_timeout,
+                                         self.insecure, batch=self.batch)
         if self._session is None:
             self._session = Session(self.host, self.port, lambda jobid: None, self._done,
                                     self.connect_timeout, self.master_timeout, self.insecure)
@@ -52,11 +59,15 @@ class ClientThread:
         """Run ``func(*args, **kwargs)`` on a worker; ``callback(jobid, result)`` follows."""
         if self._session is None:
             self.start()
+        if self.batch is not None:
+            _check_jobid(jobid)
         with self._cond:
             self._outstanding += 1
         assert self._session is not None  # start() made it
         try:
-            self._session.submit(func, args, kwargs, jobid)
+            # a batch keeps the job id with the job: Batch(name).outcomes() gives it back
+            self._session.submit(func, args, kwargs, jobid,
+                                 None if self.batch is None else {"id": jobid})
         except SerializationError as exc:
             self._done(jobid, exc, None)
 
@@ -72,6 +83,14 @@ class ClientThread:
         if failures:
             jobid, error = failures[0]
             raise _as_remote(jobid, error, len(failures)) from error
+
+    def detach(self, timeout: float | None = None) -> None:
+        """Named batches only: return once the master has journaled every job, then
+        disconnect leaving them running (see ``ClusterExecutor.detach``)."""
+        from cw.client.batched import BatchSession
+        if not isinstance(self._session, BatchSession):
+            raise RuntimeError("detach() needs a named batch: ClientThread(..., batch=NAME)")
+        self._session.detach(timeout)
 
     def stop(self) -> None:
         """Disconnect from the master; unfinished jobs are dropped there."""
@@ -113,3 +132,13 @@ def _as_remote(jobid: Any, error: BaseException, count: int) -> RemoteException:
     if count > 1:
         remote.message += f" (job {jobid!r}; {count - 1} more jobs failed too)"
     return remote
+
+
+def _check_jobid(jobid: Any) -> None:
+    """A batch journals the job id: it must be plain data (msgpack: str, int, bytes...)."""
+    import msgpack
+    try:
+        msgpack.packb(jobid, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError(f"job id {jobid!r} of a batch must be a str, int, bytes, float, or "
+                        f"a list or dict of those") from None

@@ -81,14 +81,22 @@ class ClusterExecutor(Executor):
                  max_retries: int = DEFAULT_MAX_RETRIES, timeout: float | None = None,
                  map_window: int = DEFAULT_MAP_WINDOW,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False,
+                 batch: str | None = None):
         self._opts = job_options(max_retries, timeout)
         self.map_window = map_window
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: dict[int, CwFuture] = {}
-        self._session = Session(host, port, self._started, self._done,
-                                connect_timeout, master_timeout, insecure)
+        self.batch = batch
+        if batch is None:
+            self._session = Session(host, port, self._started, self._done,
+                                    connect_timeout, master_timeout, insecure)
+        else:  # a named, durable batch (cw.client.batched)
+            from cw.client.batched import BatchSession
+            self._session = BatchSession(host, port, self._started, self._done,
+                                         connect_timeout, master_timeout, insecure,
+                                         batch=batch)
 
     # ---------------------------------------------------------------- Executor API
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
@@ -175,6 +183,19 @@ class ClusterExecutor(Executor):
         self._session.close()
 
     # ---------------------------------------------------------------- extras
+    def detach(self, timeout: float | None = None) -> None:
+        """Named batches only: return once the master has journaled every job submitted,
+        then disconnect, leaving them running; collect them with ``cw.batch.Batch``.
+        Raises JournalFull if the master refused some (their futures fail with it too),
+        TimeoutError if not all were acknowledged within ``timeout`` seconds. Futures not
+        done by then stay pending."""
+        from cw.client.batched import BatchSession
+        if not isinstance(self._session, BatchSession):
+            raise RuntimeError("detach() needs a named batch: ClusterExecutor(..., batch=NAME)")
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._session.detach(timeout)
+
     def cancel_many(self, futures: Iterable[Future]) -> int:
         """Cancel many futures in one round trip; return how many were cancelled."""
         mine = [(f._seq, f) for f in futures if isinstance(f, CwFuture) and not f.done()

@@ -39,6 +39,15 @@ def pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(paths))
 
 
+def journal_flags(name: str) -> list[str]:
+    """``--journal $CW_HOME/journal/NAME`` for a launcher's master, so its named batches
+    outlive it; none if $CW_JOURNAL names one already (the master reads it itself)."""
+    if os.environ.get("CW_JOURNAL"):
+        return []
+    from cw.conn import address
+    return ["--journal", str(address.cw_home() / "journal" / name)]
+
+
 def child_env() -> dict:
     """This environment, with ``pythonpath()``: for local child processes."""
     return {**os.environ, "PYTHONPATH": pythonpath()}

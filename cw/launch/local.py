@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from cw.errors import LaunchError
 from cw.launch.common import (
     allocated,
     child_env,
+    journal_flags,
     log_tail,
     print_master_status,
     wait_until_up,
@@ -169,7 +171,9 @@ def _start_master(port: int, bind: str, log_level: str, timeout: float,
     connection file to name its port."""
     conn = address.default_connection_file()
     argv = [sys.executable, "-m", "cw.master", "--host", bind, "--port", str(port),
-            "--connection-file", str(conn), "--log-level", log_level]
+            "--connection-file", str(conn), "--log-level", log_level,
+            # its named batches outlive it (a free port each time: nothing to resume)
+            *(journal_flags(f"{socket.gethostname()}-{port}") if port else [])]
     proc = _launch("master", argv, "?", port)
     started.append(proc)
     deadline = time.monotonic() + timeout

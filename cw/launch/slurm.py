@@ -38,6 +38,7 @@ from cw.conn import address
 from cw.errors import LaunchError, MasterUnreachable
 from cw.launch.common import (
     allocated,
+    journal_flags,
     log_tail,
     wait_until_up,
     worker_names,
@@ -121,7 +122,8 @@ def _submit_master(port: int, options: Sequence[str], log_level: str,
                           f"{getpass.getuser()}; run `slurm.py stop` first")
     _clear_stale_connection_file()
     command = [sys.executable, "-m", "cw.master", "--port", str(port), "--connection-file",
-               str(address.default_connection_file()), "--log-level", log_level, *extra]
+               str(address.default_connection_file()), "--log-level", log_level,
+               *journal_flags(f"slurm-{port}"), *extra]
     return _sbatch(JOB_MASTER, job_script(command),
                    ["--ntasks=1", f"--comment={PORT_TAG}{port}", *options])
 

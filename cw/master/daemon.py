@@ -47,6 +47,7 @@ from cw.defaults import (
 )
 from cw.errors import ProtocolError
 from cw.master import elastic, evictions
+from cw.master.batches import BATCH_KINDS, Batches
 from cw.master.connections import Connections, router
 from cw.master.peers import MAX_FUNCTION_BYTES
 from cw.master.records import ClientRecord, WorkerRecord
@@ -71,7 +72,8 @@ class Master:
                  dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
                  max_function_bytes: int = MAX_FUNCTION_BYTES,
-                 adapt: elastic.Config | None = None):
+                 adapt: elastic.Config | None = None,
+                 journal: str | None = None, journal_max_bytes: int | None = None):
         self.bind_host = host
         self.handshake_timeout = handshake_timeout
         self.refusals = cli.Throttled(log)
@@ -91,6 +93,7 @@ class Master:
                                max_function_bytes=max_function_bytes)
         # --adapt: SLURM worker jobs that come and go with the work (cw.master.elastic)
         self.elastic = elastic.Elastic(self.scheduler, adapt) if adapt else None
+        self.batches = Batches(self, journal, journal_max_bytes)  # named batches
         self.conns = Connections(self.scheduler, self._send, self._changed)
         self.monitors = self.conns.monitors  # each ROUTER's connection events, and handlers
         self.ctx = zmq.Context()
@@ -211,6 +214,7 @@ class Master:
         self.readers = [SocketLoop(self.loop, sock, partial(self.on_message, sock=sock),
                                    self.scheduler.flush)
                         for sock in (self.sock, self.local_sock) if sock is not None]
+        self.batches.open(self.loop)  # the journal: its batches' pending jobs queue again
         self.monitor_readers = [SocketLoop(self.loop, monitor, handle, lambda: None)
                                 for monitor, handle in self.monitors]
         ticker = PeriodicCallback(self.tick, self.heartbeat_interval * 1000)
@@ -262,6 +266,7 @@ class Master:
                 self.local_sock.close(linger=0)
                 local.remove(self.local_endpoint)
             self.sock.close(linger=0)
+        self.batches.close()
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
@@ -305,6 +310,8 @@ class Master:
         info["throughput_last_minute"] = round(self.throughput.rate(mono, info["routed"]), 3)
         if self.elastic is not None:
             info["adapt"] = self.elastic.status()
+        info["batches"] = self.batches.rows()
+        info["journal"] = self.batches.path  # None: batches do not outlive this master
         return info
 
     def tick(self) -> None:
@@ -378,6 +385,8 @@ class Master:
             assert self.loop is not None  # run() set it: only its loop calls us
             self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
             return
+        if isinstance(peer, ClientRecord) and kind in BATCH_KINDS:
+            return self.batches.handle(peer, kind, header, frames)
         raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
 
     def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame,

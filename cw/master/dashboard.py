@@ -213,6 +213,11 @@ PAGE = r"""<!DOCTYPE html>
  <th>name</th><th>host</th><th class="n">pid</th><th class="n">queued</th>
  <th class="n">running</th><th class="n">done</th><th class="n">submitted</th></tr></thead>
  <tbody><tr><td class="empty" colspan="7">no clients</td></tr></tbody></table></section>
+<section><h2>Batches <span id="journal"></span></h2><table id="batches"><thead><tr>
+ <th>name</th><th class="n">jobs</th><th class="n">queued</th><th class="n">running</th>
+ <th class="n">done</th><th class="n">failed</th><th class="n">cancelled</th>
+ <th class="n">progress</th></tr></thead>
+ <tbody><tr><td class="empty" colspan="8">no batches</td></tr></tbody></table></section>
 <div class="sub" style="color:var(--muted)">discarded results: <span id="discarded">&ndash;</span>
  &middot; updated <span id="updated">never</span></div>
 </main>
@@ -259,6 +264,13 @@ function workerCells(w) {
 function clientCells(c) {
   return [[c.name], [c.host], [c.pid, "n"], [fmt(c.queued), "n"], [fmt(c.running), "n"],
           [fmt(c.done), "n"], [fmt(c.submitted), "n"]];
+}
+
+function batchCells(b) {
+  const settled = b.done + b.failed + b.cancelled;
+  return [[b.name], [fmt(b.jobs), "n"], [fmt(b.queued), "n"], [fmt(b.running), "n"],
+          [fmt(b.done), "n"], [fmt(b.failed), b.failed ? "n bad" : "n"],
+          [fmt(b.cancelled), "n"], [fmt(b.jobs ? 100 * settled / b.jobs : 100, 1) + " %", "n"]];
 }
 
 function drawChart(series) {
@@ -308,6 +320,9 @@ function render(s) {
   setText("updated", new Date(s.time * 1000).toLocaleTimeString());
   fillTable("workers", s.workers, workerCells, "no workers");
   fillTable("clients", s.clients, clientCells, "no clients");
+  fillTable("batches", s.batches || [], batchCells, "no batches");
+  setText("journal", s.journal ? "\u00b7 journal " + s.journal :
+          "\u00b7 no journal: batches do not outlive the master");
   drawChart(s.series);
 }
 

@@ -56,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_flag(parser, "--dashboard-host", default="127.0.0.1",
                  help="address the dashboard binds; it has no authentication, so keep it "
                       "local and tunnel with ssh -L")
+    cli.add_flag(parser, "--journal", default=None, metavar="PATH",
+                 help="keep named batches (campaigns) in this journal directory, so they "
+                      "outlive the master; without it they outlive their clients only")
+    cli.add_flag(parser, "--journal-max-bytes", default=None, cast=int,
+                 help="most bytes the journal may take on disk; durable submits past it "
+                      "fail with JournalFull (nothing accepted is lost)")
     cli.add_logging_flags(parser)
     elastic.add_flags(parser)
     return parser.parse_args(argv)
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                     dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
                     handshake_timeout=args.handshake_timeout,
                     max_function_bytes=args.max_function_bytes,
-                    adapt=elastic.config_from(args))
+                    adapt=elastic.config_from(args),
+                    journal=args.journal, journal_max_bytes=args.journal_max_bytes)
     master.bind()
     try:
         master.run(lambda endpoint: print(f"cw master listening on {endpoint}", flush=True))
