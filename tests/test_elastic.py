@@ -87,7 +87,7 @@ def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
         time.sleep(every)
 
 
-def adaptive() -> list[slurm.Job]:
+def adaptive() -> list[slurm.SlurmJob]:
     return [j for j in slurm.jobs() if j.name == slurm.JOB_ADAPT]
 
 
@@ -124,7 +124,7 @@ def test_adapt_submits_an_array_with_the_work_and_cancels_idle_workers(cw_jobs, 
     assert adaptive() == []
     assert count(counted, "cmaster").get("sbatch", 0) == 0
 
-    seen: list[list[slurm.Job]] = []
+    seen: list[list[slurm.SlurmJob]] = []
     used: dict[int, dict] = {}
     with ClusterExecutor() as ex:
         for n in (10, 100):

@@ -26,7 +26,7 @@ import joblib
 from joblib.parallel import AutoBatchingMixin, ParallelBackendBase, SequentialBackend
 
 from cw.client import ClusterExecutor
-from cw.status import status
+from cw.conn.ask import status
 
 log = logging.getLogger(__name__)
 

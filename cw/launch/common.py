@@ -79,7 +79,7 @@ async def until_up(host: str, port: int, nworkers: int, timeout: float,
                    check: Callable[[], object] | None = None) -> dict:
     """``wait_until_up`` as a coroutine: ask (in a thread: a status round trip blocks),
     check, back off, until the master and the workers are there or the time is up."""
-    from cw.status import status  # late: keeps this module importable without zmq
+    from cw.conn.ask import status  # late: keeps this module importable without zmq
 
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + timeout
@@ -119,7 +119,7 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 
 def worker_names(host: str, port: int) -> frozenset:
     """Names of the workers already registered with the master (none if it is silent)."""
-    from cw.status import status
+    from cw.conn.ask import status
     try:
         return frozenset(w["name"] for w in status(host, port, timeout=2.0)["workers"])
     except MasterUnreachable:

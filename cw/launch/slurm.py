@@ -49,7 +49,7 @@ from cw.launch.slurm_queue import (
     JOB_MASTER,
     JOB_WORKERS,
     PORT_TAG,
-    Job,
+    SlurmJob,
     _poll,
     _run,
     find_master,
@@ -61,9 +61,23 @@ from cw.launch.slurm_queue import (
 from cw.launch.slurm_script import job_script, worker_script
 from cw.protocol import DEFAULT_PORT
 
-__all__ = ["JOB_ADAPT", "JOB_MASTER", "JOB_WORKERS", "Job", "SlurmCluster", "allocate",
-           "find_master", "jobs", "main", "master_address", "master_host",
-           "slurm_master_host", "start", "stop", "worker_script"]
+__all__ = [
+    "JOB_ADAPT",
+    "JOB_MASTER",
+    "JOB_WORKERS",
+    "SlurmCluster",
+    "SlurmJob",
+    "allocate",
+    "find_master",
+    "jobs",
+    "main",
+    "master_address",
+    "master_host",
+    "slurm_master_host",
+    "start",
+    "stop",
+    "worker_script",
+]
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # cw.x under python -m too
 
@@ -98,7 +112,7 @@ def _sbatch(name: str, script: str, options: Sequence[str]) -> str:
 
 def _clear_stale_connection_file() -> None:
     """Remove a default.json left by a master that died; refuse if that master answers."""
-    from cw.status import status
+    from cw.conn.ask import status
     path = address.default_connection_file()
     info = address.read_connection_file(path)
     if not info:
@@ -123,7 +137,7 @@ def _submit_master(port: int, options: Sequence[str], log_level: str,
     _clear_stale_connection_file()
     command = [sys.executable, "-m", "cw.master", "--port", str(port), "--connection-file",
                str(address.default_connection_file()), "--log-level", log_level,
-               *journal_flags(f"slurm-{port}"), *extra]
+               *extra, *journal_flags(f"slurm-{port}")]
     return _sbatch(JOB_MASTER, job_script(command),
                    ["--ntasks=1", f"--comment={PORT_TAG}{port}", *options])
 
@@ -141,7 +155,7 @@ class _Watch:
         self.pending_timeout = pending_timeout
         self.said: dict[str, str] = {}
 
-    def check(self) -> dict[str, Job]:
+    def check(self) -> dict[str, SlurmJob]:
         """One squeue call; raise LaunchError if a job ended or pends for too long."""
         found = {j.id: j for j in jobs()}
         for name, jid in self.submitted.items():
@@ -159,7 +173,7 @@ class _Watch:
                                       f"{self.pending_timeout:g} s (reason: {job.reason})")
         return found
 
-    def master(self, timeout: float) -> Job:
+    def master(self, timeout: float) -> SlurmJob:
         """Wait until the submitted master job runs; return it."""
         for _ in _poll(timeout):
             job = self.check()[self.submitted[JOB_MASTER]]  # check() raises if it is gone
@@ -266,12 +280,12 @@ def _scancel(*args: str) -> None:
         log.debug("scancel %s: %s", " ".join(args), proc.stderr.strip())
 
 
-def _cancel(ids: list[str], timeout: float = STOP_TIMEOUT) -> list[Job]:
+def _cancel(ids: list[str], timeout: float = STOP_TIMEOUT) -> list[SlurmJob]:
     """End these jobs: SIGINT to running ones (steps and batch shell), cancel pending ones;
     wait until squeue no longer lists them, escalating to SIGKILL. Returns the jobs seen."""
     if not ids:
         return []
-    seen: dict[str, Job] = {}
+    seen: dict[str, SlurmJob] = {}
     signalled: set[str] = set()
     killed = False
     for left in _poll(timeout + 10):

@@ -19,7 +19,6 @@ from cw.launch.slurm import (
     JOB_WORKERS,
     START_TIMEOUT,
     jobs,
-    log,
     master_address,
     start,
     stop,
@@ -32,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger().setLevel(logging.WARNING)
-    log.setLevel(logging.INFO)
+    logging.getLogger(__name__.rpartition(".")[0]).setLevel(logging.INFO)  # cw.launch.*
     try:
         if args.action == "start":
             cluster = start(

@@ -1,6 +1,6 @@
 """The SLURM launcher's view of squeue: this user's cw jobs, and where the master runs.
 
-    jobs(names) ---- ONE squeue -u USER -n cmaster,cworkers,cwadapt ---> [Job]
+    jobs(names) ---- ONE squeue -u USER -n cmaster,cworkers,cwadapt ---> [SlurmJob]
     master_host / master_address / find_master / slurm_master_host: the connection file
         $CW_HOME/default.json first, else the node of the RUNNING cmaster job and the port
         in its --comment (cw-port=P)
@@ -21,7 +21,7 @@ from cw.errors import LaunchError, MasterNotFound
 from cw.launch.slurm_jobs import JOB_ADAPT
 from cw.protocol import DEFAULT_PORT
 
-log = logging.getLogger("cw.launch.slurm")  # the launcher's one logger (slurm.py shows it)
+log = logging.getLogger(__name__)
 
 JOB_MASTER = "cmaster"
 JOB_WORKERS = "cworkers"
@@ -30,7 +30,7 @@ POLL_MIN, POLL_MAX = 0.1, 2.0  # squeue backoff bounds, seconds
 
 
 @dataclasses.dataclass
-class Job:
+class SlurmJob:
     """One line of ``squeue``."""
     id: str
     name: str
@@ -61,7 +61,7 @@ def _first_node(nodelist: str) -> str:
     return nodelist.split(",")[0]
 
 
-def jobs(names: Sequence[str] = (JOB_MASTER, JOB_WORKERS, JOB_ADAPT)) -> list[Job]:
+def jobs(names: Sequence[str] = (JOB_MASTER, JOB_WORKERS, JOB_ADAPT)) -> list[SlurmJob]:
     """The current user's queued or running jobs with these names: one ``squeue`` call."""
     proc = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-n", ",".join(names),
                  "-o", "%i|%j|%T|%N|%k|%r"])
@@ -70,12 +70,12 @@ def jobs(names: Sequence[str] = (JOB_MASTER, JOB_WORKERS, JOB_ADAPT)) -> list[Jo
     found = []
     for line in proc.stdout.splitlines():
         jid, name, state, nodes, comment, reason = line.split("|", 5)
-        found.append(Job(jid, name, state, _first_node(nodes) if nodes else "", comment,
+        found.append(SlurmJob(jid, name, state, _first_node(nodes) if nodes else "", comment,
                          reason))
     return found
 
 
-def _port_of(job: Job) -> int:
+def _port_of(job: SlurmJob) -> int:
     tags = [w for w in job.comment.split() if w.startswith(PORT_TAG)]
     return int(tags[0][len(PORT_TAG):]) if tags else DEFAULT_PORT
 
@@ -92,7 +92,7 @@ def _poll(timeout: float) -> Iterator[float]:
         delay = min(delay * 1.5, POLL_MAX)
 
 
-def _running_master(timeout: float) -> Job | None:
+def _running_master(timeout: float) -> SlurmJob | None:
     """The user's RUNNING cmaster job, polling squeue up to ``timeout`` seconds."""
     for _ in _poll(timeout):
         try:

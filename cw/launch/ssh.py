@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from cw import cli
 from cw.conn import address
+from cw.conn.ask import status as master_status
 from cw.errors import MasterUnreachable, SshError
 from cw.launch.ssh_remote import (  # noqa: F401
     SSH_TIMEOUT,
@@ -48,7 +49,6 @@ from cw.launch.ssh_remote import (  # noqa: F401
     ssh_command,
     ssh_options,
 )
-from cw.status import status as master_status
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
-from concurrent.futures import CancelledError
 from collections.abc import Callable
+from concurrent.futures import CancelledError
 from typing import TYPE_CHECKING, Any
 
 import msgpack

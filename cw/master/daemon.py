@@ -46,18 +46,15 @@ from cw.defaults import (
     DEFAULT_MAX_MESSAGE_SIZE,
 )
 from cw.errors import ProtocolError
-from cw.master import elastic, evictions
-from cw.master.batches import BATCH_KINDS, Batches
+from cw.master import dispatch, elastic
+from cw.master.batches import Batches
 from cw.master.connections import Connections, router
 from cw.master.peers import MAX_FUNCTION_BYTES
-from cw.master.records import ClientRecord, WorkerRecord
 from cw.master.scheduler import Scheduler
 from cw.master.throughput import SAMPLE_INTERVAL, Throughput
 
 log = logging.getLogger(__name__)
 
-DIED_SETTLE = 0.1          # seconds a DIED waits for the dead worker's last messages, which
-#                            came on other connections and may still be queued here
 
 
 class Master:
@@ -185,7 +182,8 @@ class Master:
         else:
             self.refusals.warning("%s", security.describe_event(event))
 
-    def _died(self, supervisor, pid: int, code: int, lived: float) -> None:
+    def died(self, supervisor, pid: int, code: int, lived: float) -> None:
+        """A supervisor's DIED, once the dead worker's last messages had time to come."""
         if supervisor.ident in self.scheduler.supervisors:
             self.scheduler.died(supervisor, pid, code, lived)
             self._changed()
@@ -361,33 +359,7 @@ class Master:
             log.info("%s talks on its new connection", peer.name)
         if kind == P.HEARTBEAT:
             return
-        if kind == P.BYE:
-            return sched.peer_gone(peer.ident, "said goodbye", graceful=True)
-        if isinstance(peer, ClientRecord) and kind == P.SUBMIT:
-            return sched.submit(peer, header[1], header[2], frames)
-        if isinstance(peer, ClientRecord) and kind == P.CANCEL:
-            return sched.cancel(peer, header[1], bool(header[2:3] and header[2]))
-        if isinstance(peer, WorkerRecord) and kind == P.RESULTS:
-            return sched.results(peer, header[1], header[2], frames, now, *header[3:5])
-        if isinstance(peer, WorkerRecord) and kind == P.LANE_BUSY:
-            return sched.lane_busy(peer, header[1], header[2])
-        if isinstance(peer, WorkerRecord) and kind == P.LANE_REFUSED:
-            return sched.lane_refused(peer, header[1])
-        if isinstance(peer, WorkerRecord) and kind == P.LANE_RESULT:
-            return sched.lane_result(peer, header[1], header[2], header[3], header[4], frames)
-        if isinstance(peer, WorkerRecord) and kind == P.DRAIN:
-            return evictions.drain(sched, peer, header[1], header[2])
-        if isinstance(peer, WorkerRecord) and kind == P.CANCELLED:
-            return sched.cancelled(peer, header[1])
-        if kind == P.DIED and peer.ident in sched.supervisors:
-            _, pid, code, lived = header
-            P.parse_died(pid, code, lived)
-            assert self.loop is not None  # run() set it: only its loop calls us
-            self.loop.call_later(DIED_SETTLE, self._died, peer, pid, code, lived)
-            return
-        if isinstance(peer, ClientRecord) and kind in BATCH_KINDS:
-            return self.batches.handle(peer, kind, header, frames)
-        raise ProtocolError(f"unexpected message kind {kind} from a {type(peer).__name__}")
+        dispatch.route(self, peer, kind, header, frames, now)
 
     def _hello(self, ident: bytes, header: list, sock: zmq.Socket, head: zmq.Frame,
                key_role: str | None) -> None:

@@ -20,7 +20,7 @@ from cw.errors import JobTimeout
 from cw.worker.supervisor import NOTE_RECYCLE
 
 if TYPE_CHECKING:
-    from cw.worker.process import Worker, Task
+    from cw.worker.process import Task, Worker
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from cw.conn import lane
 from cw.errors import ProtocolError
 
 if TYPE_CHECKING:
-    from cw.worker.process import Worker, Task
+    from cw.worker.process import Task, Worker
 
 log = logging.getLogger(__name__)
 

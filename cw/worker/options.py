@@ -16,8 +16,8 @@ import threading
 from cw import cli
 from cw.defaults import DEFAULT_SLOTS
 from cw.errors import MasterUnreachable, ProtocolError, SecurityError
-from cw.worker.deadline import JobInterrupted
 from cw.launch.adapt import MARGIN
+from cw.worker.deadline import JobInterrupted
 from cw.worker.drain import Drain
 from cw.worker.process import Worker, WorkerShutdown
 from cw.worker.supervisor import (

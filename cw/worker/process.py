@@ -40,8 +40,8 @@ from cw.errors import CwError, ProtocolError
 from cw.worker.deadline import JobInterrupted, time_up, timeout_error
 from cw.worker.drain import Drain, drain_at, give_back
 from cw.worker.lane import LaneServer
-from cw.worker.outcome import error_frames, rss_mb
 from cw.worker.outbox import FLUSH_INTERVAL, Outbox
+from cw.worker.outcome import error_frames, rss_mb
 from cw.worker.supervisor import SupervisorLink
 
 log = logging.getLogger(__name__)

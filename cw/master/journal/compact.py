@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 
 import msgpack
 
-from cw.master.journal import format as F
 from cw.errors import JournalError
+from cw.master.journal import format as F
 from cw.master.journal.index import OFF_MASK, SEG_SHIFT
 
 if TYPE_CHECKING:
-    from cw.master.journal.store import Journal
     from cw.master.journal.index import _Batch
+    from cw.master.journal.store import Journal
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,7 @@ import re
 import socket
 import struct
 import zlib
+
 import msgpack
 
 from cw.errors import JournalCorrupt, JournalLocked

@@ -17,15 +17,15 @@ from typing import NamedTuple
 
 import msgpack
 
-from cw.master.journal import format as F
 from cw.errors import JournalCorrupt, UnknownBatch
+from cw.master.journal import format as F
 
 QUEUED, DONE, FAILED, CANCELLED = 0, 1, 2, 3
 SEG_SHIFT = 40
 OFF_MASK = (1 << SEG_SHIFT) - 1
 
 
-class Job(NamedTuple):
+class StoredJob(NamedTuple):
     """A journaled job: its key, function id, pickled arguments and options."""
     key: int
     fid: bytes
@@ -33,7 +33,7 @@ class Job(NamedTuple):
     options: dict | None
 
 
-class Outcome(NamedTuple):
+class StoredOutcome(NamedTuple):
     """A journaled outcome: status 0 is done, any other status failed."""
     key: int
     status: int
@@ -249,16 +249,16 @@ class Index:
             return bytes(data[i:i + 8 + int.from_bytes(data[i:i + 4], "little")])
         return bytes(data[i:i + int.from_bytes(data[i:i + 4], "little")])
 
-    def read_job(self, batch: str, key: int) -> Job:
-        """Job ``key`` of ``batch``, read back from disk (or the write buffer)."""
+    def read_job(self, batch: str, key: int) -> StoredJob:
+        """StoredJob ``key`` of ``batch``, read back from disk (or the write buffer)."""
         with self._lock:
             b = self._batch(batch)
             src = self._locate(b.jobs[b.index(key)])
         e = src if isinstance(src, bytes) else F.read_entry(*src)
         key, fid, payload, options = F.parse_job(e)
-        return Job(key, fid, payload, options)
+        return StoredJob(key, fid, payload, options)
 
-    def read_outcome(self, batch: str, key: int) -> Outcome | None:
+    def read_outcome(self, batch: str, key: int) -> StoredOutcome | None:
         """The outcome of job ``key`` of ``batch``, or None if it has none."""
         with self._lock:
             b = self._batch(batch)
@@ -268,7 +268,7 @@ class Index:
             src = self._locate(pos)
         e = src if isinstance(src, bytes) else F.read_entry(*src)
         n, k, status = F.OUT_ENTRY.unpack_from(e)
-        return Outcome(k, status, e[F.OUT_ENTRY.size:n])
+        return StoredOutcome(k, status, e[F.OUT_ENTRY.size:n])
 
     def read_function(self, fid: bytes) -> bytes:
         """The pickled function ``fid``."""

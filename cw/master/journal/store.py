@@ -42,12 +42,12 @@ import os
 import threading
 from collections.abc import Callable, Iterable
 
-from cw.master.journal import format as F
 from cw.errors import JournalCorrupt, JournalError, JournalFull
-from cw.master.journal.index import (CANCELLED, DONE, FAILED, QUEUED, SEG_SHIFT, Index, Job,
-                            Outcome)
+from cw.master.journal import format as F
+from cw.master.journal.index import (CANCELLED, DONE, FAILED, QUEUED, SEG_SHIFT, Index,
+                                     StoredJob, StoredOutcome)
 
-__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "Job", "Journal", "Outcome"]
+__all__ = ["CANCELLED", "DONE", "FAILED", "QUEUED", "Journal", "StoredJob", "StoredOutcome"]
 
 log = logging.getLogger(__name__)
 
