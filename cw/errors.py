@@ -12,7 +12,9 @@
      ├── MasterLost           the master went silent for longer than the client tolerates
      ├── WorkerLost           the job's worker died (too many times); names the workers
      ├── QuotaExceeded        the master refused a job: its client holds too much there
-     └── JobTimeout           the job ran past its deadline (also a TimeoutError)
+     ├── JobTimeout           the job ran past its deadline (also a TimeoutError)
+     └── ResourceError        bad --resources / --gpus / resources option (also a ValueError)
+          └── NoGpus          --gpus auto found no GPU
     RemoteTraceback           the remote traceback, chained as __cause__ of a re-raised error
 """
 from __future__ import annotations
@@ -117,6 +119,14 @@ class QuotaExceeded(CwError):
 
 class JobTimeout(CwError, TimeoutError):
     """The job ran longer than the deadline it was submitted with."""
+
+
+class ResourceError(CwError, ValueError):
+    """A --resources or --gpus value, or a job's resources option, that cw cannot use."""
+
+
+class NoGpus(ResourceError):
+    """--gpus auto found no GPU (no CUDA_VISIBLE_DEVICES, no nvidia-smi, or none listed)."""
 
 
 class RemoteTraceback(Exception):
