@@ -69,10 +69,11 @@ J = TypeVar("J", bound=QueuedJob)
 class _Lane:
     """One group's jobs that need the same resources: a deque per priority."""
 
-    __slots__ = ("need", "buckets", "prios")
+    __slots__ = ("need", "buckets", "prios", "owner")
 
-    def __init__(self, need: dict | None):
+    def __init__(self, need: dict | None, owner: _Group):
         self.need = need
+        self.owner = owner
         self.buckets: dict[float, deque] = {}
         self.prios: list[float] = []          # heap of -priority, one per bucket
 
@@ -81,6 +82,9 @@ class _Lane:
         if bucket is None:
             bucket = self.buckets[-prio] = deque()
             heapq.heappush(self.prios, -prio)
+            self.owner.nbuckets += 1
+            if prio == 0 and self.need is None:
+                self.owner.plain = bucket
         if front:
             bucket.appendleft(job)
         else:
@@ -95,7 +99,7 @@ class _Lane:
                 if not job.cancelled:
                     return job
                 bucket.popleft()
-            del self.buckets[heapq.heappop(self.prios)]
+            self.drop_top()
         return None
 
     def pop(self) -> None:
@@ -103,7 +107,14 @@ class _Lane:
         bucket = self.buckets[self.prios[0]]
         bucket.popleft()
         if not bucket:
-            del self.buckets[heapq.heappop(self.prios)]
+            self.drop_top()
+
+    def drop_top(self) -> None:
+        """Forget the (empty) bucket of the highest priority."""
+        bucket = self.buckets.pop(heapq.heappop(self.prios))
+        self.owner.nbuckets -= 1
+        if bucket is self.owner.plain:
+            self.owner.plain = None
 
     def jobs(self) -> Iterable[Any]:
         for bucket in self.buckets.values():
@@ -114,7 +125,7 @@ class _Group:
     """One client's queue (fair), or everyone's (fifo), and its use of the workers."""
 
     __slots__ = ("client", "share", "use", "live", "lanes", "stamp", "version", "active",
-                 "parked")
+                 "parked", "plain", "nbuckets")
 
     def __init__(self, client: Hashable, share: float, stamp: int):
         self.client = client
@@ -126,6 +137,8 @@ class _Group:
         self.version = 0      # bumped when its heap key changes: older entries are stale
         self.active = False   # in the fair heap: has live jobs and is not parked
         self.parked = False
+        self.plain: deque | None = None  # the bucket of priority 0, no resources, if any
+        self.nbuckets = 0     # buckets in all its lanes (1 and plain: the fast paths)
 
     def key(self) -> list:
         return [self.use / self.share, self.stamp, self.version, self]
@@ -181,6 +194,14 @@ class JobQueue(Generic[J]):
     # ---------------------------------------------------------------- in
     def push(self, job: J) -> None:
         """Queue a new job at the back (of its priority)."""
+        group = self._groups.get(job.client if self.fair else _FIFO)
+        if group is not None and group.plain is not None and not job.opts:
+            group.plain.append(job)   # the common case: priority 0, no resources
+            self._live += 1
+            group.live += 1
+            if not group.active and not group.parked:
+                self._activate(group)
+            return
         self._add(job, False)
 
     def give_back(self, jobs: Iterable[J], taken: bool = True) -> None:
@@ -202,7 +223,7 @@ class JobQueue(Generic[J]):
         lanekey = need_key(need)
         lane = group.lanes.get(lanekey)
         if lane is None:
-            lane = group.lanes[lanekey] = _Lane(need)
+            lane = group.lanes[lanekey] = _Lane(need, group)
             self._needs += need is not None
         lane.add(job, prio, front)
         self._live += 1
@@ -250,6 +271,8 @@ class JobQueue(Generic[J]):
         self._needs -= sum(lane.need is not None for lane in group.lanes.values())
         group.lanes.clear()
         group.live = 0
+        group.plain = None
+        group.nbuckets = 0
 
     def release(self, job: QueuedJob) -> None:
         """A handed-out job left its worker (result, cancelled, stolen, worker lost): its
@@ -259,7 +282,8 @@ class JobQueue(Generic[J]):
         group = self._groups.get(job.client)
         if group is not None and group.use > 0:
             group.use -= 1
-            self._rekey(group)
+            if group.active and len(self._active) > 1:
+                self._rekey(group)
 
     def unpark(self, client: Hashable) -> None:
         """A held client reads its results again: its jobs may go out again."""
@@ -285,11 +309,36 @@ class JobQueue(Generic[J]):
             return batch
         if capacity is not None and not self._needs:
             capacity = None
+        active = self._active
+        if len(active) == 1 and capacity is None:
+            group = next(iter(active))
+            bucket = group.plain
+            if bucket and group.nbuckets == 1 and \
+                    (self._held is None or not self._held(group.client)):
+                # the common case: one client, priority 0, no resources: a deque's work
+                while bucket and len(batch) < n:
+                    job = bucket[0]
+                    if job.cancelled:
+                        bucket.popleft()
+                    elif job.suspect:
+                        break
+                    else:
+                        batch.append(bucket.popleft())
+                if batch:
+                    k = len(batch)
+                    self._live -= k
+                    group.live -= k
+                    group.use += k
+                    self._stamp += 1
+                    group.stamp = self._stamp
+                    if group.live <= 0:
+                        self._deactivate(group)
+                    return batch
         if not self.fair:
             self._take_fifo(n, idle, capacity, batch)
             return batch
         skipped: list[list] = []
-        active, heap = self._active, self._heap
+        heap = self._heap
         while len(batch) < n and self._live:
             entry: list | None = None
             if len(active) == 1:
@@ -317,9 +366,12 @@ class JobQueue(Generic[J]):
                 if entry is not None:
                     skipped.append(entry)
                 break
-            if len(active) == 1 and len(group.lanes) == 1 and not job.suspect \
-                    and lane.need is None:
-                self._run(group, lane, n, batch)   # the common case: a plain run of one lane
+            if len(group.lanes) == 1 and lane.need is None and not job.suspect:
+                # a run of one lane while this client stays below the next one's use/share
+                while heap and (heap[0][2] != heap[0][3].version or not heap[0][3].active):
+                    heapq.heappop(heap)
+                self._run(group, lane, n, batch,
+                          heap[0][0] if entry is not None and heap else float("inf"))
                 continue
             lane.pop()
             batch.append(job)
@@ -363,27 +415,49 @@ class JobQueue(Generic[J]):
             self._deactivate(group)
         return best_lane, best
 
-    def _run(self, group: _Group, lane: _Lane, n: int, batch: list) -> None:
+    def _run(self, group: _Group, lane: _Lane, n: int, batch: list, limit: float) -> None:
         """Take the lane's jobs of its first priority up to the batch's size, stopping
-        before a suspect (only one client is active: nobody else competes)."""
+        before a suspect, and after the first once the group's use/share reaches ``limit``
+        (the next client's: a tie goes to the other, round robin)."""
         bucket = lane.buckets[lane.prios[0]]
         got = 0
         want = n - len(batch)
+        use, share = group.use, group.share
         while got < want and bucket:
             job = bucket[0]
             if job.cancelled:
                 bucket.popleft()
                 continue
-            if job.suspect:
+            if job.suspect or (got and (use + got) / share >= limit):
                 break
             batch.append(bucket.popleft())
             got += 1
         if not bucket:
-            del lane.buckets[heapq.heappop(lane.prios)]
+            lane.drop_top()
         self._served(group, got)
 
     def _take_fifo(self, n: int, idle: bool, capacity: Capacity | None, batch: list) -> None:
         group, held = self._fifo, self._held
+        bucket = group.plain
+        if bucket is not None and group.nbuckets == 1:
+            # no priorities, no resources: the Scheduler's old _take on its deque
+            parked = self._parked
+            while bucket and len(batch) < n:
+                job = bucket[0]
+                if job.suspect and not job.cancelled and (batch or not idle):
+                    break
+                bucket.popleft()
+                if job.cancelled:
+                    continue
+                if held is not None and held(job.client):
+                    parked.setdefault(job.client, []).append(job)  # still counted live
+                    continue
+                batch.append(job)
+                if job.suspect:
+                    break
+            group.live -= len(batch)
+            self._live -= len(batch)
+            return
         while len(batch) < n and group.live:
             lane, job = self._head(group, capacity)
             if job is None:
