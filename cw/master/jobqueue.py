@@ -36,16 +36,15 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
-from cw.resources import Capacity, describe, need_key
+from cw.master.jobgroups import FIFO, Group, Lane, QueueBase, describe_group
+from cw.resources import Capacity, need_key
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("fair", "fifo")
-_FIFO = object()  # the one group of the fifo policy
 
 
 class QueuedJob(Protocol):
@@ -66,85 +65,7 @@ class QueuedJob(Protocol):
 J = TypeVar("J", bound=QueuedJob)
 
 
-class _Lane:
-    """One group's jobs that need the same resources: a deque per priority."""
-
-    __slots__ = ("need", "buckets", "prios", "owner")
-
-    def __init__(self, need: dict | None, owner: _Group):
-        self.need = need
-        self.owner = owner
-        self.buckets: dict[float, deque] = {}
-        self.prios: list[float] = []          # heap of -priority, one per bucket
-
-    def add(self, job: QueuedJob, prio: float, front: bool) -> None:
-        bucket = self.buckets.get(-prio)
-        if bucket is None:
-            bucket = self.buckets[-prio] = deque()
-            heapq.heappush(self.prios, -prio)
-            self.owner.nbuckets += 1
-            if prio == 0 and self.need is None:
-                self.owner.plain = bucket
-        if front:
-            bucket.appendleft(job)
-        else:
-            bucket.append(job)
-
-    def head(self) -> Any:
-        """The next live job (cancelled ones are dropped here), None if there is none."""
-        while self.prios:
-            bucket = self.buckets[self.prios[0]]
-            while bucket:
-                job = bucket[0]
-                if not job.cancelled:
-                    return job
-                bucket.popleft()
-            self.drop_top()
-        return None
-
-    def pop(self) -> None:
-        """Remove the head that head() returned."""
-        bucket = self.buckets[self.prios[0]]
-        bucket.popleft()
-        if not bucket:
-            self.drop_top()
-
-    def drop_top(self) -> None:
-        """Forget the (empty) bucket of the highest priority."""
-        bucket = self.buckets.pop(heapq.heappop(self.prios))
-        self.owner.nbuckets -= 1
-        if bucket is self.owner.plain:
-            self.owner.plain = None
-
-    def jobs(self) -> Iterable[Any]:
-        for bucket in self.buckets.values():
-            yield from bucket
-
-
-class _Group:
-    """One client's queue (fair), or everyone's (fifo), and its use of the workers."""
-
-    __slots__ = ("client", "share", "use", "live", "lanes", "stamp", "version", "active",
-                 "parked", "plain", "nbuckets")
-
-    def __init__(self, client: Hashable, share: float, stamp: int):
-        self.client = client
-        self.share = share
-        self.use = 0          # jobs handed out, not yet released
-        self.live = 0         # live jobs queued
-        self.lanes: dict[Any, _Lane] = {}
-        self.stamp = stamp    # when last served (round robin among equal use/share)
-        self.version = 0      # bumped when its heap key changes: older entries are stale
-        self.active = False   # in the fair heap: has live jobs and is not parked
-        self.parked = False
-        self.plain: deque | None = None  # the bucket of priority 0, no resources, if any
-        self.nbuckets = 0     # buckets in all its lanes (1 and plain: the fast paths)
-
-    def key(self) -> list:
-        return [self.use / self.share, self.stamp, self.version, self]
-
-
-class JobQueue(Generic[J]):
+class JobQueue(QueueBase, Generic[J]):
     """Queued jobs of all clients; see the module docstring for the policies."""
 
     def __init__(self, policy: str = "fair",
@@ -156,14 +77,14 @@ class JobQueue(Generic[J]):
         self._held = held
         self._live = 0
         self._stamp = 0
-        self._groups: dict[Any, _Group] = {}
-        self._active: dict[_Group, None] = {}    # groups with live, unparked jobs (ordered)
+        self._groups: dict[Any, Group] = {}
+        self._active: dict[Group, None] = {}    # groups with live, unparked jobs (ordered)
         self._heap: list[list] = []              # fair, with >= 2 active groups only
         self._parked: dict[Any, list] = {}       # fifo: a held client's jobs, taken out
         self._needs = 0                          # lanes that need resources (0: skip fits)
         if not self.fair:
-            self._fifo = _Group(_FIFO, 1.0, 0)
-            self._groups[_FIFO] = self._fifo
+            self._fifo = Group(FIFO, 1.0, 0)
+            self._groups[FIFO] = self._fifo
 
     def __len__(self) -> int:
         """Live (not cancelled) jobs queued, parked ones included."""
@@ -183,18 +104,18 @@ class JobQueue(Generic[J]):
         group = self._groups.get(client) if self.fair else None
         return group.use if group else 0
 
-    def _group(self, client: Hashable) -> _Group:
-        key = client if self.fair else _FIFO
+    def _group(self, client: Hashable) -> Group:
+        key = client if self.fair else FIFO
         group = self._groups.get(key)
         if group is None:
             self._stamp += 1
-            group = self._groups[key] = _Group(client, 1.0, self._stamp)
+            group = self._groups[key] = Group(client, 1.0, self._stamp)
         return group
 
     # ---------------------------------------------------------------- in
     def push(self, job: J) -> None:
         """Queue a new job at the back (of its priority)."""
-        group = self._groups.get(job.client if self.fair else _FIFO)
+        group = self._groups.get(job.client if self.fair else FIFO)
         if group is not None and group.plain is not None and not job.opts:
             group.plain.append(job)   # the common case: priority 0, no resources
             self._live += 1
@@ -223,7 +144,7 @@ class JobQueue(Generic[J]):
         lanekey = need_key(need)
         lane = group.lanes.get(lanekey)
         if lane is None:
-            lane = group.lanes[lanekey] = _Lane(need, group)
+            lane = group.lanes[lanekey] = Lane(need, group)
             self._needs += need is not None
         lane.add(job, prio, front)
         self._live += 1
@@ -238,7 +159,7 @@ class JobQueue(Generic[J]):
             return
         job.cancelled = True
         self._live -= 1
-        group = self._groups.get(job.client if self.fair else _FIFO)
+        group = self._groups.get(job.client if self.fair else FIFO)
         if group is None:
             return
         group.live -= 1
@@ -267,7 +188,7 @@ class JobQueue(Generic[J]):
         self._live -= dropped
         return dropped
 
-    def _clear(self, group: _Group) -> None:
+    def _clear(self, group: Group) -> None:
         self._needs -= sum(lane.need is not None for lane in group.lanes.values())
         group.lanes.clear()
         group.live = 0
@@ -384,7 +305,7 @@ class JobQueue(Generic[J]):
             heapq.heappush(heap, entry)
         return batch
 
-    def _head(self, group: _Group, capacity: Capacity | None) -> tuple[Any, Any]:
+    def _head(self, group: Group, capacity: Capacity | None) -> tuple[Any, Any]:
         """The group's next job that fits (and its lane); (None, None) if none does."""
         lanes = group.lanes
         if len(lanes) == 1:
@@ -415,7 +336,7 @@ class JobQueue(Generic[J]):
             self._deactivate(group)
         return best_lane, best
 
-    def _run(self, group: _Group, lane: _Lane, n: int, batch: list, limit: float) -> None:
+    def _run(self, group: Group, lane: Lane, n: int, batch: list, limit: float) -> None:
         """Take the lane's jobs of its first priority up to the batch's size, stopping
         before a suspect, and after the first once the group's use/share reaches ``limit``
         (the next client's: a tie goes to the other, round robin)."""
@@ -436,108 +357,9 @@ class JobQueue(Generic[J]):
             lane.drop_top()
         self._served(group, got)
 
-    def _take_fifo(self, n: int, idle: bool, capacity: Capacity | None, batch: list) -> None:
-        group, held = self._fifo, self._held
-        bucket = group.plain
-        if bucket is not None and group.nbuckets == 1:
-            # no priorities, no resources: the Scheduler's old _take on its deque
-            parked = self._parked
-            while bucket and len(batch) < n:
-                job = bucket[0]
-                if job.suspect and not job.cancelled and (batch or not idle):
-                    break
-                bucket.popleft()
-                if job.cancelled:
-                    continue
-                if held is not None and held(job.client):
-                    parked.setdefault(job.client, []).append(job)  # still counted live
-                    continue
-                batch.append(job)
-                if job.suspect:
-                    break
-            group.live -= len(batch)
-            self._live -= len(batch)
-            return
-        while len(batch) < n and group.live:
-            lane, job = self._head(group, capacity)
-            if job is None:
-                break
-            if job.suspect and (batch or not idle):
-                break
-            lane.pop()
-            if held is not None and held(job.client):
-                self._parked.setdefault(job.client, []).append(job)  # still counted live
-                continue
-            group.live -= 1
-            self._live -= 1
-            batch.append(job)
-            if lane.need is not None and capacity is not None:
-                capacity.take(lane.need)
-            if job.suspect:
-                break
-        if not group.live:
-            group.active = False
-
-    def _served(self, group: _Group, k: int) -> None:
-        self._live -= k
-        group.live -= k
-        group.use += k
-        self._stamp += 1
-        group.stamp = self._stamp
-        if group.live <= 0:
-            self._deactivate(group)
-        else:
-            self._rekey(group)
-
-    # ---------------------------------------------------------------- the fair heap
-    def _activate(self, group: _Group) -> None:
-        group.active = True
-        if not self.fair:
-            return
-        self._active[group] = None
-        if len(self._active) == 2:
-            self._rebuild()
-        elif len(self._active) > 2:
-            group.version += 1
-            heapq.heappush(self._heap, group.key())
-
-    def _deactivate(self, group: _Group) -> None:
-        if group.active:
-            group.active = False
-            self._active.pop(group, None)
-            if len(self._active) < 2:
-                self._heap.clear()
-
-    def _rekey(self, group: _Group) -> None:
-        if group.active and len(self._active) >= 2:
-            group.version += 1
-            heapq.heappush(self._heap, group.key())
-            if len(self._heap) > 4 * len(self._active) + 64:
-                self._rebuild()
-
-    def _rebuild(self) -> None:
-        for group in self._active:
-            group.version += 1
-        self._heap[:] = [group.key() for group in self._active]
-        heapq.heapify(self._heap)
-
     # ---------------------------------------------------------------- status
     def describe(self) -> list[dict]:
         """Per client (fair) or for all (fifo): share, use, queued jobs by priority and by
         the resources they wait for (a scan of the queue: for status, not for routing)."""
-        out = []
-        for group in self._groups.values():
-            by_prio: dict[float, int] = {}
-            by_need: dict[str, int] = {}
-            for lane in group.lanes.values():
-                for negp, bucket in lane.buckets.items():
-                    live = sum(not j.cancelled for j in bucket)
-                    if live:
-                        by_prio[-negp] = by_prio.get(-negp, 0) + live
-                        if lane.need:
-                            name = describe(lane.need)
-                            by_need[name] = by_need.get(name, 0) + live
-            out.append({"client": None if group.client is _FIFO else group.client,
-                        "share": group.share, "use": group.use, "queued": group.live,
-                        "parked": group.parked, "by_priority": by_prio, "waiting_for": by_need})
-        return out
+        return [describe_group(group, None if group.client is FIFO else group.client)
+                for group in self._groups.values()]
