@@ -24,6 +24,7 @@ from cw.client.session import DEFAULT_MASTER_TIMEOUT, Session
 from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT
 from cw.defaults import DEFAULT_MAP_WINDOW, DEFAULT_MAX_RETRIES
 from cw.errors import SerializationError
+from cw.resources import check_need
 
 log = logging.getLogger(__name__)
 
@@ -75,33 +76,45 @@ class ClusterExecutor(Executor):
     file with its keys); pending futures fail with ``MasterLost`` if the master is
     silent for ``master_timeout`` seconds. ``insecure=True`` allows plain TCP to a
     loopback master started with ``--insecure`` (any local user could pose as it).
+    ``share`` weighs this client in the master's fair share (2.0: twice a default client's
+    part of the workers while both have queued jobs).
     """
 
     def __init__(self, host: str | None = None, port: int | None = None, *,
                  max_retries: int = DEFAULT_MAX_RETRIES, timeout: float | None = None,
                  map_window: int = DEFAULT_MAP_WINDOW,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False,
+                 share: float = 1.0):
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or \
+                not 0 < share < float("inf"):
+            raise ValueError("share must be a finite number > 0")
         self._opts = job_options(max_retries, timeout)
         self.map_window = map_window
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._futures: dict[int, CwFuture] = {}
         self._session = Session(host, port, self._started, self._done,
-                                connect_timeout, master_timeout, insecure)
+                                connect_timeout, master_timeout, insecure, share)
 
     # ---------------------------------------------------------------- Executor API
     def submit(self, fn: Callable, /, *args, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)`` on a worker; a pickling failure fails the future."""
         return self._submit(fn, args, kwargs, self._opts)
 
-    def options(self, *, max_retries: int | None = None,
-                timeout: float | None = None) -> ExecutorOptions:
-        """A view of this executor whose ``submit``/``map`` use other job options."""
+    def options(self, *, max_retries: int | None = None, timeout: float | None = None,
+                priority: int | None = None,
+                resources: dict[str, float] | None = None) -> ExecutorOptions:
+        """A view of this executor whose ``submit``/``map`` use other job options:
+        ``priority`` (higher runs first among this client's queued jobs, FIFO among equals;
+        default 0) and ``resources`` (what a worker process must have, e.g. ``{"gpu": 1}``:
+        see cw.resources)."""
         base = self._opts or {}
         return ExecutorOptions(self, job_options(
             base.get("max_retries", DEFAULT_MAX_RETRIES) if max_retries is None else max_retries,
-            base.get("timeout") if timeout is None else timeout))
+            base.get("timeout") if timeout is None else timeout,
+            base.get("priority", 0) if priority is None else priority,
+            base.get("resources") if resources is None else resources))
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, opts: dict | None) -> Future:
         with self._shutdown_lock:
@@ -276,13 +289,22 @@ def _flatten(chunks: Iterator[list]) -> Iterator:
 
 
 def job_options(max_retries: int = DEFAULT_MAX_RETRIES,
-                timeout: float | None = None) -> dict | None:
+                timeout: float | None = None, priority: int = 0,
+                resources: dict[str, float] | None = None) -> dict | None:
     """The options a job carries on the wire (None when all are defaults)."""
     if not isinstance(max_retries, int) or max_retries < 1:
         raise ValueError("max_retries must be an int >= 1")
     if timeout is not None and not timeout > 0:
         raise ValueError("timeout must be > 0 seconds or None")
+    if isinstance(priority, bool) or not isinstance(priority, int) or \
+            not -1 << 31 <= priority < 1 << 31:
+        raise ValueError("priority must be an int (32 bits)")
+    need = check_need(resources)  # ResourceError (a ValueError) if it is not a map of numbers
     opts: dict = {}
+    if priority:
+        opts["priority"] = priority
+    if need:
+        opts["resources"] = need
     if max_retries != DEFAULT_MAX_RETRIES:
         opts["max_retries"] = max_retries
     if timeout is not None:
