@@ -69,7 +69,7 @@ class Master:
                  insecure: bool = False, local_socket: bool = True,
                  dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_function_bytes: int = MAX_FUNCTION_BYTES):
+                 max_function_bytes: int = MAX_FUNCTION_BYTES, policy: str = "fair"):
         self.bind_host = host
         self.handshake_timeout = handshake_timeout
         self.refusals = cli.Throttled(log)
@@ -86,7 +86,7 @@ class Master:
         self.keys: dict | None = None
         self.auth: ThreadAuthenticator | None = None
         self.scheduler = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
-                               max_function_bytes=max_function_bytes)
+                               max_function_bytes=max_function_bytes, policy=policy)
         self.conns = Connections(self.scheduler, self._send, self._changed)
         self.monitors = self.conns.monitors  # each ROUTER's connection events, and handlers
         self.ctx = zmq.Context()

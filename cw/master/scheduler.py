@@ -96,8 +96,7 @@ class Scheduler(Stealing):
                 continue
             job.size = size
             client.arg_bytes += size
-            self.queue.append(job)
-            self.queued += 1
+            self.queue.push(job)
             client.submitted += 1
 
     def cancel(self, client: ClientRecord, seqs: list, queued_only: bool = False) -> None:
@@ -114,8 +113,7 @@ class Scheduler(Stealing):
             if job is None or job.started or (queued_only and _about_to_run(job)):
                 client.out_cancelled.append([seq, False])
             elif job.worker is None:
-                job.cancelled = True
-                self.queued -= 1
+                self.queue.cancel(job)
                 del client.jobs[seq]
                 client.arg_bytes -= job.size
                 client.out_cancelled.append([seq, True])
@@ -163,6 +161,7 @@ class Scheduler(Stealing):
                 self._went_idle = True
             if job is None:
                 continue  # not ours any more (cancelled, re-queued after a timeout)
+            self._left(worker, (job,))
             if job.client.ident not in self.clients:
                 self.discarded += 1
                 log.info("discarded the result of job %d: client %s has gone",
@@ -221,9 +220,7 @@ class Scheduler(Stealing):
         if not outbox.flush_client(client, self.send):
             self._full[client.ident] = client
             return
-        if client.parked:  # it reads again: what was held back goes first
-            self.queue.extendleft(reversed(client.parked))
-            client.parked = []
+        self.queue.unpark(client)  # it reads again: what was held back may go out
         if not outbox.flush_cancelled(client, self.send):
             self._full[client.ident] = client
 
@@ -238,30 +235,11 @@ class Scheduler(Stealing):
             # large hold) in batches of up to MIN_BATCH, so they still travel in batches when
             # hundreds of workers idle. Fresh workers and long jobs: one each.
             share = max(-(-self.queued // (len(ready) - i)), min(worker.hold // 2, MIN_BATCH))
-            batch = self._take(min(worker.free(), share), idle=not worker.assigned)
+            batch = self.queue.take(min(worker.free(), share), not worker.assigned,
+                                    worker.capacity)
             if batch:
                 worker.isolated = batch[0].suspect
                 self._send_jobs(worker, batch)
-
-    def _take(self, n: int, idle: bool) -> list[JobRecord]:
-        """Up to ``n`` jobs in FIFO order; a suspect goes alone, and only to an idle worker."""
-        batch: list[JobRecord] = []
-        queue = self.queue
-        while queue and len(batch) < n:
-            job = queue[0]
-            if job.suspect and not job.cancelled and (batch or not idle):
-                break
-            queue.popleft()
-            if job.cancelled:
-                continue
-            if job.client.backlogged():
-                job.client.parked.append(job)  # still queued; back once it reads
-                continue
-            batch.append(job)
-            if job.suspect:
-                break
-        self.queued -= len(batch)
-        return batch
 
     def _send_jobs(self, worker: WorkerRecord, batch: list[JobRecord]) -> None:
         ctxs, fns, entries = [], [], []
@@ -288,8 +266,8 @@ class Scheduler(Stealing):
             for job in batch:
                 del worker.assigned[(job.client.cid, job.seq)]
                 job.worker = None
-            self.queue.extendleft(reversed(batch))
-            self.queued += len(batch)
+            self._left(worker, batch)
+            self.queue.give_back(batch, taken=False)
             worker.isolated = False
             worker.ctxs.difference_update(c[0] for c in ctxs)
             worker.fns.difference_update((f[0], f[1]) for f in fns)
@@ -309,8 +287,10 @@ class Scheduler(Stealing):
             "queue": self.queued,
             "routed": self.routed,
             "discarded": self.discarded,
+            "policy": self.queue.policy,
             "workers": [view.worker_status(w, now) for w in self.workers.values()],
             "clients": [view.client_status(c) for c in self.clients.values()],
+            **view.sharing_status(self.queue.describe(), self.workers.values()),
         }
 
 
