@@ -69,7 +69,8 @@ class Worker:
 
     def __init__(self, host: str | None = None, port: int | None = None,
                  slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
-                 link: SupervisorLink | None = None, insecure: bool = False):
+                 link: SupervisorLink | None = None, insecure: bool = False,
+                 resources: dict[str, float] | None = None):
         self.host, self.port = address.resolve(host, port)
         self.link = link  # to our supervisor (None: run by hand)
         self.slots = slots
@@ -100,6 +101,8 @@ class Worker:
         self.flusher: PeriodicCallback | None = None
         self.lane = LaneServer(self)  # lone jobs from clients on this machine
         info = peer_info(slots=slots, supervisor=os.getppid() if link else None)
+        if resources:
+            info["resources"] = dict(resources)  # what this process offers (cw.resources)
         self.conn = Connection(self.host, self.port, "worker", info,
                                self._on_message, on_welcome=self._on_welcome, logger=log,
                                on_begin=self.lane.open, insecure=insecure)
