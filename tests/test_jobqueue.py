@@ -35,6 +35,11 @@ def names(batch) -> list[str]:
     return [repr(j) for j in batch]
 
 
+def ones(q: JobQueue, n: int) -> list[str]:
+    """``n`` batches of one job each (n workers asking for one): the order they go in."""
+    return [repr(j) for _ in range(n) for j in q.take(1)]
+
+
 def test_fifo_order_is_a_deques():
     rng = random.Random(16)
     q: JobQueue[Job] = JobQueue("fifo")
@@ -70,9 +75,19 @@ def test_two_clients_take_turns():
         q.push(job)
     for job in jobs("B", 3):
         q.push(job)
-    assert names(q.take(6)) == ["A1", "B1", "A2", "B2", "A3", "B3"]
+    # fairness is decided per batch (one worker's take): turns between batches
+    assert ones(q, 6) == ["A1", "B1", "A2", "B2", "A3", "B3"]
     assert names(q.take(6)) == ["A4", "A5", "A6"]  # only A has work left
     assert q.use("A") == 6 and q.use("B") == 3 and len(q) == 0
+
+
+def test_a_batch_comes_from_the_client_with_the_lowest_use():
+    q: JobQueue[Job] = JobQueue()
+    for job in jobs("A", 6) + jobs("B", 6):
+        q.push(job)
+    assert names(q.take(3)) == ["A1", "A2", "A3"]   # one client's run: a deque's cost
+    assert names(q.take(3)) == ["B1", "B2", "B3"]   # the next worker's batch: B's turn
+    assert names(q.take(2)) == ["A4", "A5"]
 
 
 def test_use_counts_what_runs_until_released():
@@ -85,7 +100,7 @@ def test_use_counts_what_runs_until_released():
     for job in jobs("B", 10):
         q.push(job)
     # B is below its share while A holds 4 jobs: B's jobs go first, then turns
-    assert names(q.take(6)) == ["B1", "B2", "B3", "B4", "A5", "B5"]
+    assert ones(q, 6) == ["B1", "B2", "B3", "B4", "A5", "B5"]
     for job in running:
         q.release(job)                # A's 4 are done: A is now far below B
     assert names(q.take(3)) == ["A6", "A7", "A8"]
@@ -96,7 +111,7 @@ def test_share_two_gets_twice():
     q.set_share("A", 2.0)
     for job in jobs("A", 100) + jobs("B", 100):
         q.push(job)
-    batch = q.take(60)
+    batch = [job for _ in range(60) for job in q.take(1)]
     assert sum(j.client == "A" for j in batch) == 40
     with pytest.raises(ValueError):
         q.set_share("B", 0)
@@ -118,7 +133,7 @@ def test_priority_does_not_jump_other_clients_share():
         q.push(job)
     for job in jobs("B", 3):
         q.push(job)
-    assert names(q.take(4)) == ["A1", "B1", "A2", "B2"]
+    assert ones(q, 4) == ["A1", "B1", "A2", "B2"]
 
 
 def test_give_back_goes_to_the_front_in_order():

@@ -9,12 +9,14 @@
 Policies:
   fair (default): each client with queued work gets an equal share of the workers, weighted
     by its ``share`` (set_share; ClusterExecutor(host, share=2.0)). A client's *use* is the
-    number of its jobs handed out and not yet released (prefetched or running); the next job
-    comes from the client with the lowest use/share, ties in round robin (the one served
-    longest ago). Jobs are chosen one at a time even within one batch, so a worker asking
-    for 8 jobs gets a client's batch only while that client stays below the others' use:
-    a client that arrives while another's backlog fills every worker gets the very next
-    slots that free up, behind at most what each worker already holds.
+    number of its jobs handed out and not yet released (prefetched or running); the next
+    batch comes from the client with the lowest use/share, ties in round robin (the one
+    served longest ago). Fairness is decided per batch (one worker's take), not per job: the
+    chosen client fills the batch from its queue at a deque's cost. A worker's batch is
+    what it may hold (~5 ms of work, at least one job), so a client that arrives while
+    another's backlog fills every worker gets the very next slots that free up, behind at
+    most what each worker already holds. Releases only mark a client (re-keyed once at the
+    next take), so a result costs no heap work.
   fifo: one queue for all clients, in arrival order (``--policy fifo``; today's behaviour).
 
 Within a client (fair) or the whole queue (fifo): higher ``priority`` (job option, default 0)
@@ -82,6 +84,7 @@ class JobQueue(QueueBase, Generic[J]):
         self._heap: list[list] = []              # fair, with >= 2 active groups only
         self._parked: dict[Any, list] = {}       # fifo: a held client's jobs, taken out
         self._needs = 0                          # lanes that need resources (0: skip fits)
+        self._released: dict[Group, None] = {}   # groups whose use dropped since a take
         if not self.fair:
             self._fifo = Group(FIFO, 1.0, 0)
             self._groups[FIFO] = self._fifo
@@ -204,7 +207,7 @@ class JobQueue(QueueBase, Generic[J]):
         if group is not None and group.use > 0:
             group.use -= 1
             if group.active and len(self._active) > 1:
-                self._rekey(group)
+                self._released[group] = None  # re-keyed once, at the next take
 
     def unpark(self, client: Hashable) -> None:
         """A held client reads its results again: its jobs may go out again."""
@@ -260,6 +263,10 @@ class JobQueue(QueueBase, Generic[J]):
             return batch
         skipped: list[list] = []
         heap = self._heap
+        if self._released:  # their use dropped since the last take: fresh heap keys
+            for released in self._released:
+                self._rekey(released)
+            self._released.clear()
         while len(batch) < n and self._live:
             entry: list | None = None
             if len(active) == 1:
@@ -288,11 +295,10 @@ class JobQueue(QueueBase, Generic[J]):
                     skipped.append(entry)
                 break
             if len(group.lanes) == 1 and lane.need is None and not job.suspect:
-                # a run of one lane while this client stays below the next one's use/share
-                while heap and (heap[0][2] != heap[0][3].version or not heap[0][3].active):
-                    heapq.heappop(heap)
-                self._run(group, lane, n, batch,
-                          heap[0][0] if entry is not None and heap else float("inf"))
+                # fairness per batch, not per job: the chosen client fills the batch from
+                # its lane (a worker holds ~5 ms of work, so a client that arrives later
+                # waits behind at most that on each worker)
+                self._run(group, lane, n, batch, float("inf"))
                 continue
             lane.pop()
             batch.append(job)
