@@ -6,10 +6,13 @@ shown as waiting by status.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import wait
 
 import pytest
@@ -167,3 +170,26 @@ def test_bad_options_are_refused_at_the_client(cluster):
             ex.options(resources={"gpu": -1})
         with pytest.raises(ValueError):
             ex.options(resources=["gpu"])
+
+
+def test_the_dashboard_shows_shares_resources_and_what_waits(procs):
+    master = procs.master("--dashboard", "0")
+    url = wait_for(lambda: (m := re.search(r"dashboard on (http://\S+)", master.stderr()))
+                   and m.group(1), 10, "the dashboard's address in the master's log")
+    procs.workers(master, 1, "--resources", "mem=8")
+    with ClusterExecutor(master.host, master.port, share=3.0) as ex:
+        future = ex.options(resources={"gpu": 1}, priority=2).submit(where)
+        info = wait_for(lambda: (s := json.loads(get(url + "status.json")))["waiting"] and s,
+                        20, "the waiting job on the dashboard")
+        assert info["waiting"][0]["resources"] == "gpu=1"
+        assert [(s["share"], s["by_priority"]) for s in info["shares"]] == [(3.0, {"2": 1})]
+        assert info["workers"][0]["resources"] == {"mem": 8.0}
+        page = get(url).decode()
+        assert "Sharing" in page and "resourceText" in page and "waits for" in page
+        assert future.cancel()
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        assert reply.status == 200
+        return reply.read()

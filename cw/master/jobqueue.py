@@ -298,7 +298,7 @@ class JobQueue(QueueBase, Generic[J]):
                 # fairness per batch, not per job: the chosen client fills the batch from
                 # its lane (a worker holds ~5 ms of work, so a client that arrives later
                 # waits behind at most that on each worker)
-                self._run(group, lane, n, batch, float("inf"))
+                self._run(group, lane, n, batch)
                 continue
             lane.pop()
             batch.append(job)
@@ -342,20 +342,18 @@ class JobQueue(QueueBase, Generic[J]):
             self._deactivate(group)
         return best_lane, best
 
-    def _run(self, group: Group, lane: Lane, n: int, batch: list, limit: float) -> None:
+    def _run(self, group: Group, lane: Lane, n: int, batch: list) -> None:
         """Take the lane's jobs of its first priority up to the batch's size, stopping
-        before a suspect, and after the first once the group's use/share reaches ``limit``
-        (the next client's: a tie goes to the other, round robin)."""
+        before a suspect (fairness is per batch: see the module docstring)."""
         bucket = lane.buckets[lane.prios[0]]
         got = 0
         want = n - len(batch)
-        use, share = group.use, group.share
         while got < want and bucket:
             job = bucket[0]
             if job.cancelled:
                 bucket.popleft()
                 continue
-            if job.suspect or (got and (use + got) / share >= limit):
+            if job.suspect:
                 break
             batch.append(bucket.popleft())
             got += 1

@@ -151,6 +151,7 @@ class Scheduler(Stealing):
                 client.out_started.append(job.seq)
                 self._dirty[client.ident] = client
         pos = 0
+        release = self.queue.release
         for cid, seq, status, n in done:
             job = worker.assigned.pop((cid, seq), None)
             payload = frames[pos:pos + n]
@@ -161,7 +162,9 @@ class Scheduler(Stealing):
                 self._went_idle = True
             if job is None:
                 continue  # not ours any more (cancelled, re-queued after a timeout)
-            self._left(worker, (job,))
+            release(job)  # its client's use drops (fair share); inline: once per result
+            if job.opts and "resources" in job.opts:
+                worker.capacity.give(job.opts["resources"])
             if job.client.ident not in self.clients:
                 self.discarded += 1
                 log.info("discarded the result of job %d: client %s has gone",
