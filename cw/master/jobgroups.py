@@ -20,6 +20,7 @@ from cw.resources import Capacity, describe
 log = logging.getLogger(__name__)
 
 FIFO = object()  # the client key of the fifo policy's one group
+SMALL = 8         # up to this many clients with queued work, the next is found by a scan
 
 
 class Lane:
@@ -174,9 +175,9 @@ class QueueBase:
         if not self.fair:
             return
         self._active[group] = None
-        if len(self._active) == 2:
+        if len(self._active) == SMALL + 1:
             self._rebuild()
-        elif len(self._active) > 2:
+        elif len(self._active) > SMALL + 1:
             group.version += 1
             heapq.heappush(self._heap, group.key())
 
@@ -184,11 +185,11 @@ class QueueBase:
         if group.active:
             group.active = False
             self._active.pop(group, None)
-            if len(self._active) < 2:
+            if len(self._active) <= SMALL:
                 self._heap.clear()
 
     def _rekey(self, group: Group) -> None:
-        if group.active and len(self._active) >= 2:
+        if group.active and len(self._active) > SMALL:
             group.version += 1
             heapq.heappush(self._heap, group.key())
             if len(self._heap) > 4 * len(self._active) + 64:

@@ -22,9 +22,10 @@ Policies:
 Within a client (fair) or the whole queue (fifo): higher ``priority`` (job option, default 0)
 first, FIFO among equals; a job given back goes to the front of its priority. Jobs are kept
 in one deque per (resources needed, priority), so one client with priority 0 costs about a
-deque: push and take are O(1) plus O(log clients) for the choice between clients (a heap of
-(use/share, last served) with lazily dropped stale entries), O(log priorities) for a new
-priority, O(resource classes) to find a head that fits.
+deque: push and take are O(1) plus, per batch, the choice between clients: a scan of up to
+SMALL (8) clients with queued work, else a heap of (use/share, last served) with lazily
+dropped stale entries (O(log clients)); O(log priorities) for a new priority, O(resource
+classes) to find a head that fits.
 
 Resources: a job's ``resources`` option; take() given a worker's Capacity hands out only
 jobs that fit it (cw.resources) and charges them to it; jobs that fit nowhere wait.
@@ -41,7 +42,7 @@ import logging
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
-from cw.master.jobgroups import FIFO, Group, Lane, QueueBase, describe_group
+from cw.master.jobgroups import FIFO, SMALL, Group, Lane, QueueBase, describe_group
 from cw.resources import Capacity, need_key
 
 log = logging.getLogger(__name__)
@@ -206,7 +207,7 @@ class JobQueue(QueueBase, Generic[J]):
         group = self._groups.get(job.client)
         if group is not None and group.use > 0:
             group.use -= 1
-            if group.active and len(self._active) > 1:
+            if group.active and len(self._active) > SMALL:
                 self._released[group] = None  # re-keyed once, at the next take
 
     def unpark(self, client: Hashable) -> None:
@@ -262,6 +263,7 @@ class JobQueue(QueueBase, Generic[J]):
             self._take_fifo(n, idle, capacity, batch)
             return batch
         skipped: list[list] = []
+        passed: set[Group] = set()    # chosen, but nothing of theirs fits this batch
         heap = self._heap
         if self._released:  # their use dropped since the last take: fresh heap keys
             for released in self._released:
@@ -271,6 +273,22 @@ class JobQueue(QueueBase, Generic[J]):
             entry: list | None = None
             if len(active) == 1:
                 group = next(iter(active))
+            elif len(active) <= SMALL:
+                # a few clients: the lowest use/share (then served longest ago) by a scan,
+                # with no heap to keep up to date on every result
+                found: Group | None = None
+                low = 0.0
+                for candidate in active:
+                    if candidate in passed:
+                        continue
+                    key = candidate.use / candidate.share
+                    if found is None or key < low or \
+                            (key == low and candidate.stamp < found.stamp):
+                        found, low = candidate, key
+                if found is None:
+                    break
+                group = found
+                entry = [low, group.stamp, group.version, group]  # pushed back only in a heap
             else:
                 while heap and (heap[0][2] != heap[0][3].version or not heap[0][3].active):
                     heapq.heappop(heap)
@@ -289,6 +307,7 @@ class JobQueue(QueueBase, Generic[J]):
                 if entry is None:
                     break          # the only client has nothing that fits
                 skipped.append(entry)
+                passed.add(group)
                 continue
             if job.suspect and (batch or not idle):
                 if entry is not None:
@@ -307,8 +326,9 @@ class JobQueue(QueueBase, Generic[J]):
                 capacity.take(lane.need)
             if job.suspect:
                 break
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        if len(active) > SMALL:
+            for entry in skipped:
+                heapq.heappush(heap, entry)
         return batch
 
     def _head(self, group: Group, capacity: Capacity | None) -> tuple[Any, Any]:
