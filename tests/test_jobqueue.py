@@ -301,3 +301,20 @@ def test_issue_example_with_prefetch_batches():
     assert first_b - 0.5 <= job_s + 1e-9
     b_done = max(times[j][1] for j in b) - 0.5
     assert b_done <= (40 / (workers / 2) + hold) * job_s + 1e-9
+
+
+def test_many_clients_take_turns_through_the_heap():
+    # more than SMALL clients with queued work: the choice goes through the heap
+    q: JobQueue[Job] = JobQueue()
+    names_ = [f"C{i}" for i in range(12)]
+    for name in names_:
+        for job in jobs(name, 5):
+            q.push(job)
+    q.set_share("C11", 2.0)
+    first = [job for _ in range(12) for job in q.take(1)]
+    assert sorted(j.client for j in first) == sorted(names_)   # each once, in turn
+    assert q.take(1)[0].client == "C11"     # its share is 2: below the others at use 1
+    q.release(first[3])                     # one of C3's jobs is done: C3 is lowest now
+    assert q.take(1)[0].client == first[3].client
+    taken = [job for _ in range(100) for job in q.take(1)]
+    assert len(taken) == 12 * 5 - 14 and len(q) == 0

@@ -1,8 +1,9 @@
 """The master's state and routing rules: one owner, no sockets, no clocks of its own.
 
-    client --SUBMIT--> ClientRecord.jobs + queue (one FIFO for all clients)
-                                   |
-                              dispatch(): idle workers first, each up to its free slots
+    client --SUBMIT--> ClientRecord.jobs + queue (cw.master.jobqueue: fair share between
+                                   |      clients by default, --policy fifo; priorities)
+                              dispatch(): idle workers first, each up to its free slots,
+                                   |      only jobs its resources cover (cw.resources)
                                    v
                          WorkerRecord.assigned --JOBS--> worker
     worker --RESULTS--> job leaves assigned and ClientRecord.jobs --> the client's outbox
