@@ -200,10 +200,13 @@ class Scheduler(Stealing):
     # ---------------------------------------------------------------- output
     def flush(self) -> None:
         """Feed workers from the queue, then send every outbox that has news."""
+        starved = False
         if self.queued:
-            self._dispatch()
+            # an idle worker left without jobs while some are queued: those wait for
+            # resources it lacks, so it may steal like when the queue is empty
+            starved = self._dispatch()
             self._went_idle = True  # some worker may have been left idle: check for steals
-        if not self.queued and self._went_idle:
+        if (starved or not self.queued) and self._went_idle:
             self._went_idle = False
             self._steal()
         cancelling, self._cancelling = self._cancelling, {}
@@ -228,8 +231,10 @@ class Scheduler(Stealing):
         if not outbox.flush_cancelled(client, self.send):
             self._full[client.ident] = client
 
-    def _dispatch(self) -> None:
-        """Hand queued jobs to workers with free slots, idle workers first, evenly."""
+    def _dispatch(self) -> bool:
+        """Hand queued jobs to workers with free slots, idle workers first, evenly; True if
+        an idle worker got nothing though jobs are still queued (none it can run)."""
+        starved = False
         ready = sorted((w for w in self.workers.values() if w.free() > 0),
                        key=lambda w: len(w.assigned))
         for i, worker in enumerate(ready):
@@ -244,6 +249,9 @@ class Scheduler(Stealing):
             if batch:
                 worker.isolated = batch[0].suspect
                 self._send_jobs(worker, batch)
+            elif not worker.assigned and self.queued:
+                starved = True
+        return starved
 
     def _send_jobs(self, worker: WorkerRecord, batch: list[JobRecord]) -> None:
         ctxs, fns, entries = [], [], []

@@ -65,7 +65,9 @@ class Stealing(Peers):
                      key=lambda w: len(w.assigned) + 2 * _on_lane(w), default=None)
         if victim is None or len(victim.assigned) < (1 if _on_lane(victim) else 2):
             return
-        waiting = [j for j in victim.assigned.values() if not j.started]
+        # jobs that need resources stay where they fit (the thief may lack them)
+        waiting = [j for j in victim.assigned.values()
+                   if not j.started and not (j.opts and "resources" in j.opts)]
         # the newer half, rounded up (all of them behind a long lane job); the worker's
         # answer is exact (a job it already started stays), so even the oldest may be asked
         for job in waiting[0 if _on_lane(victim) else len(waiting) // 2:]:
