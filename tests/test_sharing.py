@@ -78,6 +78,7 @@ def test_status_shows_each_clients_share(cluster):
                         any(x["queued"] for x in s["shares"]) and s, 20, "queued jobs")
         mine = [x for x in info["shares"] if x["queued"]]
         assert [x["share"] for x in mine] == [2.0] and info["policy"] == "fair"
+        assert [c["share"] for c in info["clients"]] == [2.0]   # in its client row too
         assert "0" in mine[0]["by_priority"]
         assert "share" in format_table(info)
         open(gate, "w").close()

@@ -99,6 +99,8 @@ class JobQueue(QueueBase, Generic[J]):
         """Weigh a client: it gets ``share`` times a default client's part of the workers."""
         if not share > 0 or share == float("inf"):
             raise ValueError(f"a client's share must be a finite number > 0, not {share!r}")
+        if not self.fair:
+            return  # one queue in arrival order: shares do not apply
         group = self._group(client)
         group.share = float(share)
         self._rekey(group)

@@ -294,6 +294,8 @@ class Scheduler(Stealing):
     def status(self, now: float | None = None) -> dict:
         """A plain-data snapshot of the master's state."""
         now = time.time() if now is None else now
+        clients = {c: view.client_status(c) for c in self.clients.values()}
+        sharing = view.sharing_status(self.queue.describe(), self.workers.values(), clients)
         return {
             "master_id": self.master_id,
             "queue": self.queued,
@@ -301,8 +303,8 @@ class Scheduler(Stealing):
             "discarded": self.discarded,
             "policy": self.queue.policy,
             "workers": [view.worker_status(w, now) for w in self.workers.values()],
-            "clients": [view.client_status(c) for c in self.clients.values()],
-            **view.sharing_status(self.queue.describe(), self.workers.values()),
+            "clients": list(clients.values()),
+            **sharing,
         }
 
 

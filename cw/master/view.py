@@ -46,20 +46,25 @@ def client_status(c: ClientRecord) -> dict:
     }
 
 
-def sharing_status(groups: list[dict], workers: Iterable[WorkerRecord]) -> dict:
+def sharing_status(groups: list[dict], workers: Iterable[WorkerRecord],
+                   rows: dict | None = None) -> dict:
     """The queue's part (JobQueue.describe): each client's share, use and queued jobs by
-    priority; and the jobs whose resources no connected worker offers, with what they ask."""
+    priority (also added to its row in ``rows``, client -> client_status); and the jobs whose
+    resources no connected worker offers, with what they ask."""
     totals = [w.capacity.total for w in workers]
     shares, waiting = [], []
     for g in groups:
         client = g["client"]
         name = client.name if client is not None else "*"  # fifo: one queue for all
+        row = rows.get(client) if rows else None
         shares.append({"client": name, "share": g["share"], "use": g["use"],
                        "queued": g["queued"], "parked": g["parked"],
                        "by_priority": {str(int(p) if p == int(p) else p): n
                                        for p, n in sorted(g["by_priority"].items(),
                                                           reverse=True)},
                        "waiting_for": g["waiting_for"]})
+        if row is not None:
+            row.update(share=g["share"], by_priority=shares[-1]["by_priority"])
         for need, n in g["waiting_for"].items():
             asked = _need_of(need)
             if not any(fits(asked, total) for total in totals):
