@@ -135,8 +135,9 @@ def fake_workers(port: int, n: int, home: str, ready) -> None:
                 sock.send(beat)
 
 
-def routing(workers: int, jobs: int, procs: int) -> dict:
-    """The master's jobs/s with ``workers`` simulated workers."""
+def routing(workers: int, jobs: int, procs: int, clients: int = 1) -> dict:
+    """The master's jobs/s with ``workers`` simulated workers and ``clients`` clients (each
+    maps its share of ``jobs`` at once, from a thread of this process)."""
     home = os.environ["CW_HOME"]
     master, port = start_master(home)
     children = []
@@ -150,13 +151,28 @@ def routing(workers: int, jobs: int, procs: int) -> dict:
             children.append(child)
         wait_workers(port, workers)
         cpu = psutil.Process(master.pid).cpu_times
-        with ClusterExecutor("127.0.0.1", port) as ex:
-            list(ex.map(abs, range(2000)))  # warm up
+        executors = [ClusterExecutor("127.0.0.1", port) for _ in range(clients)]
+        try:
+            for ex in executors:
+                list(ex.map(abs, range(2000)))  # warm up
+            each = jobs // clients
+            results: list = [None] * clients
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(
+                i, list(executors[i].map(abs, range(-each, 0))))) for i in range(clients)]
             start, cpu_start = time.perf_counter(), sum(cpu()[:2])
-            results = list(ex.map(abs, range(-jobs, 0)))
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
             seconds, cpu_seconds = time.perf_counter() - start, sum(cpu()[:2]) - cpu_start
-        assert results == [None] * jobs  # the simulated workers answer None, once each
-        return {"workers": workers, "jobs": jobs, "jobs_per_s": round(jobs / seconds),
+        finally:
+            for ex in executors:
+                ex.shutdown()
+        # the simulated workers answer None, once each
+        assert all(r == [None] * each for r in results)
+        jobs = each * clients
+        return {"workers": workers, "clients": clients, "jobs": jobs,
+                "jobs_per_s": round(jobs / seconds),
                 "master_cpu_us_per_job": round(cpu_seconds / jobs * 1e6, 1)}
     finally:
         for child in children:
@@ -172,6 +188,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", default="2,500")
     parser.add_argument("--route-jobs", type=int, default=50_000)
     parser.add_argument("--procs", type=int, default=4, help="processes simulating workers")
+    parser.add_argument("--clients", type=int, default=1,
+                        help="clients mapping at once (the routing part; fair share)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--json", default="bench/scale.json")
     args = parser.parse_args(argv)
@@ -182,7 +200,7 @@ def main(argv=None) -> int:
     costs: dict = {}
     for rep in range(args.reps):  # taking turns, as the main benchmark does
         for w in [int(x) for x in args.workers.split(",")]:
-            r = routing(w, args.route_jobs, min(args.procs, w))
+            r = routing(w, args.route_jobs, min(args.procs, w), args.clients)
             rates.setdefault(w, []).append(r["jobs_per_s"])
             costs.setdefault(w, []).append(r["master_cpu_us_per_job"])
             print(f"routing, {w:4d} simulated workers, rep {rep + 1}: {r['jobs_per_s']} jobs/s, "

@@ -14,11 +14,13 @@
      ├── QuotaExceeded        the master refused a job: its client holds too much there
      ├── JobTimeout           the job ran past its deadline (also a TimeoutError)
      ├── UnknownBatch         no batch of that name (also a LookupError)
- ├── BatchInUse           another client is submitting to that batch
-     └── JournalError         the master's journal (cw/master/journal/store.py) failed
-          ├── JournalCorrupt  a bad record where no crash could have left one
-          ├── JournalFull     an append would pass the journal's max_bytes
-          └── JournalLocked   another live process writes this journal
+     ├── BatchInUse           another client is submitting to that batch
+     ├── JournalError         the master's journal (cw/master/journal/store.py) failed
+     │    ├── JournalCorrupt  a bad record where no crash could have left one
+     │    ├── JournalFull     an append would pass the journal's max_bytes
+     │    └── JournalLocked   another live process writes this journal
+     └── ResourceError        bad --resources / --gpus / resources option (also a ValueError)
+          └── NoGpus          --gpus auto found no GPU
     RemoteTraceback           the remote traceback, chained as __cause__ of a re-raised error
 """
 from __future__ import annotations
@@ -147,6 +149,14 @@ class JournalFull(JournalError):
 
 class JournalLocked(JournalError):
     """Another live process holds the journal's single-writer lock."""
+
+
+class ResourceError(CwError, ValueError):
+    """A --resources or --gpus value, or a job's resources option, that cw cannot use."""
+
+
+class NoGpus(ResourceError):
+    """--gpus auto found no GPU (no CUDA_VISIBLE_DEVICES, no nvidia-smi, or none listed)."""
 
 
 class RemoteTraceback(Exception):

@@ -199,6 +199,12 @@ def check_hello_info(info: dict) -> None:
         raise ProtocolError("HELLO field 'path' must be a list of strings")
     if info.get("slots", 1) < 1 or not 0 <= info.get("pid", 0) < 1 << 63:
         raise ProtocolError("HELLO fields 'slots' must be >= 1 and 'pid' a process id")
+    share = info.get("share", 1.0)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or \
+            not 0 < share < float("inf"):
+        raise ProtocolError("HELLO field 'share' must be a finite number > 0")
+    if "resources" in info:  # a worker's (cw.resources): a map of names to numbers
+        info["resources"] = _checked(info["resources"], "HELLO field 'resources'") or {}
 
 
 def check_hello(version: Any, role: Any, info: dict, key_role: str | None,
@@ -261,7 +267,27 @@ def parse_job(entry) -> tuple[int, bytes, int, dict | None]:
         expected = opts.get("expected", 0)
         if not isinstance(expected, (int, float)) or not expected >= 0:
             raise ProtocolError("job option expected must be seconds >= 0")
+        priority = opts.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or \
+                not -1 << 31 <= priority < 1 << 31:
+            raise ProtocolError("job option priority must be an int (32 bits)")
+        if "resources" in opts:  # the need, normalised: zeros dropped, floats; none: gone
+            need = _checked(opts["resources"], "job option resources")
+            if need:
+                opts["resources"] = need
+            else:
+                del opts["resources"]
     return seq, parse_digest(digest), n, opts
+
+
+def _checked(value: Any, what: str) -> dict | None:
+    """A map of resource names to numbers >= 0 (cw.resources.check_need), else ProtocolError."""
+    from cw.errors import ResourceError
+    from cw.resources import check_need
+    try:
+        return check_need(value)
+    except ResourceError as e:
+        raise ProtocolError(f"{what}: {e}") from None
 
 
 def parse_done(entry) -> tuple[int, int, int, int]:

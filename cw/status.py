@@ -57,7 +57,31 @@ def format_table(info: dict) -> str:
             share = 100.0 * settled / b["jobs"] if b["jobs"] else 100.0
             lines.append(f"{b['name']:<24} {b['jobs']:>9} {b['done']:>9} {b['failed']:>7} "
                          f"{b['queued']:>8} {b['running']:>7} {share:>7.1f}%")
+    lines.extend(sharing_lines(info))
     return "\n".join(lines)
+
+
+def sharing_lines(info: dict) -> list[str]:
+    """The fair share's part of the table: each client's share, use and queued jobs by
+    priority; each worker's resources and who holds them; jobs no worker can run."""
+    lines = []
+    shares = [s for s in info.get("shares", ()) if s["queued"] or s["use"]]
+    if shares:
+        lines.append(f"policy {info.get('policy', 'fifo')}: {'client':<17} {'share':>6} "
+                     f"{'use':>5} {'queued':>7}  by priority")
+        for s in shares:
+            prios = ", ".join(f"{p}: {n}" for p, n in s["by_priority"].items())
+            lines.append(f"{'':<14}{s['client']:<17} {s['share']:>6g} {s['use']:>5} "
+                         f"{s['queued']:>7}  {prios}{'  (parked)' if s['parked'] else ''}")
+    for w in info["workers"]:
+        if w.get("resources"):
+            have = ",".join(f"{k}={v:g}" for k, v in sorted(w["resources"].items()))
+            held = "; ".join(f"{c} job {q} ({need})" for c, q, need in w["resources_held_by"])
+            lines.append(f"worker {w['name']} has {have}; held by: {held or 'nothing'}")
+    for wait in info.get("waiting", ()):
+        lines.append(f"waiting: {wait['jobs']} jobs of {wait['client']} need "
+                     f"{wait['resources']}: {wait['reason']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

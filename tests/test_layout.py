@@ -44,7 +44,8 @@ def imports(path: Path, name: str) -> set[str]:
     return {m for m in out if m == "cw" or m.startswith("cw.")}
 
 
-BASE = {"cw.errors", "cw.protocol", "cw.serialize", "cw.defaults", "cw.cli", "cw.moved"}
+BASE = {"cw.errors", "cw.protocol", "cw.serialize", "cw.defaults", "cw.cli", "cw.moved",
+        "cw.resources"}
 
 
 def role(module: str) -> str:

@@ -24,6 +24,7 @@ from cw.client.session import DEFAULT_MASTER_TIMEOUT, Session
 from cw.conn.peer import DEFAULT_CONNECT_TIMEOUT
 from cw.defaults import DEFAULT_MAP_WINDOW, DEFAULT_MAX_RETRIES
 from cw.errors import SerializationError
+from cw.resources import check_need
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class ClusterExecutor(Executor):
     file with its keys); pending futures fail with ``MasterLost`` if the master is
     silent for ``master_timeout`` seconds. ``insecure=True`` allows plain TCP to a
     loopback master started with ``--insecure`` (any local user could pose as it).
+    ``share`` weighs this client in the master's fair share (2.0: twice a default client's
+    part of the workers while both have queued jobs).
     """
 
     def __init__(self, host: str | None = None, port: int | None = None, *,
@@ -82,7 +85,10 @@ class ClusterExecutor(Executor):
                  map_window: int = DEFAULT_MAP_WINDOW,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False,
-                 batch: str | None = None):
+                 batch: str | None = None, share: float = 1.0):
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or \
+                not 0 < share < float("inf"):
+            raise ValueError("share must be a finite number > 0")
         self._opts = job_options(max_retries, timeout)
         self.map_window = map_window
         self._shutdown_lock = threading.Lock()
@@ -91,11 +97,11 @@ class ClusterExecutor(Executor):
         self.batch = batch
         if batch is None:
             self._session = Session(host, port, self._started, self._done,
-                                    connect_timeout, master_timeout, insecure)
+                                    connect_timeout, master_timeout, insecure, share)
         else:  # a named, durable batch (cw.client.batched)
             from cw.client.batched import BatchSession
             self._session = BatchSession(host, port, self._started, self._done,
-                                         connect_timeout, master_timeout, insecure,
+                                         connect_timeout, master_timeout, insecure, share,
                                          batch=batch)
 
     # ---------------------------------------------------------------- Executor API
@@ -104,16 +110,20 @@ class ClusterExecutor(Executor):
         return self._submit(fn, args, kwargs, self._opts)
 
     def options(self, *, max_retries: int | None = None, timeout: float | None = None,
-                expected: float | None = None) -> ExecutorOptions:
-        """A view of this executor whose ``submit``/``map`` use other job options.
-
-        ``expected``: the seconds each job is expected to take; a worker whose SLURM
-        allocation ends sooner than that does not start it (cw.worker.drain)."""
+                expected: float | None = None, priority: int | None = None,
+                resources: dict[str, float] | None = None) -> ExecutorOptions:
+        """A view of this executor whose ``submit``/``map`` use other job options:
+        ``priority`` (higher runs first among this client's queued jobs, FIFO among equals;
+        default 0), ``resources`` (what a worker process must have, e.g. ``{"gpu": 1}``:
+        see cw.resources) and ``expected`` (the seconds each job is expected to take; a
+        worker whose SLURM allocation ends sooner does not start it: cw.worker.drain)."""
         base = self._opts or {}
         return ExecutorOptions(self, job_options(
             base.get("max_retries", DEFAULT_MAX_RETRIES) if max_retries is None else max_retries,
             base.get("timeout") if timeout is None else timeout,
-            base.get("expected") if expected is None else expected))
+            base.get("expected") if expected is None else expected,
+            base.get("priority", 0) if priority is None else priority,
+            base.get("resources") if resources is None else resources))
 
     def _submit(self, fn: Callable, args: tuple, kwargs: dict, opts: dict | None) -> Future:
         with self._shutdown_lock:
@@ -301,7 +311,8 @@ def _flatten(chunks: Iterator[list]) -> Iterator:
 
 
 def job_options(max_retries: int = DEFAULT_MAX_RETRIES, timeout: float | None = None,
-                expected: float | None = None) -> dict | None:
+                expected: float | None = None, priority: int = 0,
+                resources: dict[str, float] | None = None) -> dict | None:
     """The options a job carries on the wire (None when all are defaults)."""
     if not isinstance(max_retries, int) or max_retries < 1:
         raise ValueError("max_retries must be an int >= 1")
@@ -309,7 +320,15 @@ def job_options(max_retries: int = DEFAULT_MAX_RETRIES, timeout: float | None = 
         raise ValueError("timeout must be > 0 seconds or None")
     if expected is not None and not expected >= 0:
         raise ValueError("expected must be >= 0 seconds or None")
+    if isinstance(priority, bool) or not isinstance(priority, int) or \
+            not -1 << 31 <= priority < 1 << 31:
+        raise ValueError("priority must be an int (32 bits)")
+    need = check_need(resources)  # ResourceError (a ValueError) if it is not a map of numbers
     opts: dict = {}
+    if priority:
+        opts["priority"] = priority
+    if need:
+        opts["resources"] = need
     if max_retries != DEFAULT_MAX_RETRIES:
         opts["max_retries"] = max_retries
     if timeout is not None:

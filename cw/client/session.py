@@ -78,7 +78,8 @@ class Session:
                  on_started: Callable[[Any], None],
                  on_done: Callable[[Any, BaseException | None, Any], None],
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
-                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False):
+                 master_timeout: float = DEFAULT_MASTER_TIMEOUT, insecure: bool = False,
+                 share: float = 1.0):
         self.host, self.port = address.resolve(host, port)
         self.on_started = on_started
         self.on_done = on_done
@@ -100,6 +101,8 @@ class Session:
         self.closed = False
         self.lane = LaneClient(self)  # lone jobs straight to a worker on this machine
         info = peer_info(cwd=os.getcwd(), path=[p for p in sys.path if isinstance(p, str)])
+        if share != 1.0:
+            info["share"] = float(share)  # its weight in the master's fair share
         self.conn = Connection(self.host, self.port, "client", info, self._on_message,
                                on_welcome=self._on_welcome, on_silence=self._on_silence,
                                logger=log, on_begin=self.lane.open_inbox, insecure=insecure)

@@ -68,7 +68,7 @@ class Master:
                  insecure: bool = False, local_socket: bool = True,
                  dashboard_port: int | None = None, dashboard_host: str = "127.0.0.1",
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
-                 max_function_bytes: int = MAX_FUNCTION_BYTES,
+                 max_function_bytes: int = MAX_FUNCTION_BYTES, policy: str = "fair",
                  adapt: elastic.Config | None = None,
                  journal: str | None = None, journal_max_bytes: int | None = None):
         self.bind_host = host
@@ -87,7 +87,7 @@ class Master:
         self.keys: dict | None = None
         self.auth: ThreadAuthenticator | None = None
         self.scheduler = Scheduler(self._send, heartbeat_timeout, lanes=local_socket,
-                               max_function_bytes=max_function_bytes)
+                               max_function_bytes=max_function_bytes, policy=policy)
         # --adapt: SLURM worker jobs that come and go with the work (cw.master.elastic)
         self.elastic = elastic.Elastic(self.scheduler, adapt) if adapt else None
         self.batches = Batches(self, journal, journal_max_bytes)  # named batches

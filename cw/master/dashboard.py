@@ -207,8 +207,9 @@ PAGE = r"""<!DOCTYPE html>
 <section><h2>Workers</h2><table id="workers"><thead><tr>
  <th>name</th><th>host</th><th class="n">pid</th><th>state</th><th>job</th>
  <th class="n">job s</th><th class="n">held</th><th class="n">done</th>
- <th class="n">failures</th><th class="n">heard s ago</th></tr></thead>
- <tbody><tr><td class="empty" colspan="10">no workers</td></tr></tbody></table></section>
+ <th class="n">failures</th><th class="n">heard s ago</th><th>resources (held by)</th>
+ </tr></thead>
+ <tbody><tr><td class="empty" colspan="11">no workers</td></tr></tbody></table></section>
 <section><h2>Clients</h2><table id="clients"><thead><tr>
  <th>name</th><th>host</th><th class="n">pid</th><th class="n">queued</th>
  <th class="n">running</th><th class="n">done</th><th class="n">submitted</th></tr></thead>
@@ -218,6 +219,10 @@ PAGE = r"""<!DOCTYPE html>
  <th class="n">done</th><th class="n">failed</th><th class="n">cancelled</th>
  <th class="n">progress</th></tr></thead>
  <tbody><tr><td class="empty" colspan="8">no batches</td></tr></tbody></table></section>
+<section><h2>Sharing <span id="policy"></span></h2><table id="shares"><thead><tr>
+ <th>client</th><th class="n">share</th><th class="n">use</th><th class="n">queued</th>
+ <th>queued by priority</th><th>waits for</th></tr></thead>
+ <tbody><tr><td class="empty" colspan="6">nothing queued</td></tr></tbody></table></section>
 <div class="sub" style="color:var(--muted)">discarded results: <span id="discarded">&ndash;</span>
  &middot; updated <span id="updated">never</span></div>
 </main>
@@ -258,7 +263,23 @@ function workerCells(w) {
   return [[w.name], [w.host], [w.pid, "n"], [badge(w.state)],
           [w.job ? w.job[0] + " #" + w.job[1] : ""], [fmt(w.job_seconds, 1), "n"],
           [w.held, "n"], [fmt(w.done), "n"], [w.failures, w.failures ? "n bad" : "n"],
-          [fmt(w.last_heartbeat, 1), "n"]];
+          [fmt(w.last_heartbeat, 1), "n"], [resourceText(w)]];
+}
+
+function pairs(map, sep) {
+  return Object.entries(map || {}).map(([k, v]) => k + sep + v).join(", ");
+}
+
+function resourceText(w) {
+  const held = (w.resources_held_by || []).map((h) => h[0] + " #" + h[1] + " " + h[2]);
+  return pairs(w.resources, "=") + (held.length ? " (" + held.join("; ") + ")" : "");
+}
+
+function shareCells(s, waiting) {
+  const none = waiting.filter((x) => x.client === s.client).map((x) => x.reason);
+  return [[s.client], [s.share, "n"], [s.use, "n"], [fmt(s.queued), "n"],
+          [pairs(s.by_priority, ": ")],
+          [pairs(s.waiting_for, ": ") + (none.length ? " \u2014 " + none.join("; ") : "")]];
 }
 
 function clientCells(c) {
@@ -323,6 +344,9 @@ function render(s) {
   fillTable("batches", s.batches || [], batchCells, "no batches");
   setText("journal", s.journal ? "\u00b7 journal " + s.journal :
           "\u00b7 no journal: batches do not outlive the master");
+  setText("policy", "\u00b7 policy " + (s.policy || "fifo"));
+  fillTable("shares", (s.shares || []).filter((x) => x.queued || x.use),
+            (x) => shareCells(x, s.waiting || []), "nothing queued");
   drawChart(s.series);
 }
 

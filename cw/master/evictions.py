@@ -26,6 +26,7 @@ def drain(sched: Scheduler, worker: WorkerRecord, reason, keys) -> None:
     first = not worker.draining
     worker.draining = reason[:512] or "draining"
     back: list[JobRecord] = []
+    left: list[JobRecord] = []
     for entry in keys:
         key = P.parse_key(entry)
         job = worker.assigned.get(key)
@@ -34,11 +35,12 @@ def drain(sched: Scheduler, worker: WorkerRecord, reason, keys) -> None:
             continue  # not ours any more, or it runs there (it finishes)
         del worker.assigned[key]
         job.worker = None
+        left.append(job)
         if job.client.ident in sched.clients and job.client.jobs.get(job.seq) is job:
             back.append(job)
     worker.isolated = worker.isolated and bool(worker.assigned)
-    sched.queue.extendleft(reversed(back))
-    sched.queued += len(back)
+    sched._left(worker, left)  # its client's use and its resources, released once
+    sched.queue.give_back(back, taken=False)  # to the front, uncharged, not suspect
     if back:
         sched._wake()
     log.log(logging.INFO if first or back else logging.DEBUG,

@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_flag(parser, "--no-local-socket", default=False, action="store_true",
                  help="do not offer peers on this machine a private Unix socket (they then "
                       "use TCP with CurveZMQ like everyone else)")
+    cli.add_flag(parser, "--policy", default="fair", choices=("fair", "fifo"),
+                 help="who gets the next idle worker: fair (each client with queued jobs "
+                      "in turn, weighed by its share) or fifo (one queue for all clients, "
+                      "in arrival order)")
     cli.add_flag(parser, "--dashboard", default=None, cast=int, metavar="PORT",
                  help="serve a read-only web dashboard on this port (0: any free port, "
                       "logged at start); off unless given")
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                     local_socket=not args.no_local_socket,
                     dashboard_port=args.dashboard, dashboard_host=args.dashboard_host,
                     handshake_timeout=args.handshake_timeout,
-                    max_function_bytes=args.max_function_bytes,
+                    max_function_bytes=args.max_function_bytes, policy=args.policy,
                     adapt=elastic.config_from(args),
                     journal=args.journal, journal_max_bytes=args.journal_max_bytes)
     master.bind()

@@ -16,11 +16,12 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from cw import protocol as P
 from cw.errors import ProtocolError, QuotaExceeded, WorkerLost
 from cw.master import outbox
+from cw.master.jobqueue import JobQueue
 from cw.master.lanes import Lanes
 from cw.master.records import ClientRecord, JobRecord, PeerRecord, WorkerRecord
 from cw.serialize import dumps
@@ -38,7 +39,7 @@ class Peers:
     def __init__(self, send: Callable[[bytes, list], bool | None],
                  heartbeat_timeout: float = 10.0, lanes: bool = True,
                  max_functions: int = MAX_FUNCTIONS,
-                 max_function_bytes: int = MAX_FUNCTION_BYTES):
+                 max_function_bytes: int = MAX_FUNCTION_BYTES, policy: str = "fair"):
         self.send = send
         self.max_functions = max_functions
         self.max_function_bytes = max_function_bytes
@@ -51,8 +52,8 @@ class Peers:
         self.workers: dict[bytes, WorkerRecord] = {}
         self.supervisors: dict[bytes, PeerRecord] = {}  # one per node: it reports deaths (DIED)
         self.aliases: dict[bytes, PeerRecord] = {}   # a peer's second, send-only socket
-        self.queue: deque[JobRecord] = deque()
-        self.queued = 0            # live (not cancelled) jobs in the queue
+        # queued jobs, by policy (cw.master.jobqueue): fair share between clients or fifo
+        self.queue: JobQueue[JobRecord] = JobQueue(policy, held=ClientRecord.backlogged)
         self.delivered = 0         # results delivered through the master, ever
         self.discarded = 0         # results dropped because their client had gone
         # client ids differ between master runs, so a worker's late result for an old
@@ -64,6 +65,11 @@ class Peers:
         self._went_idle = False  # a worker emptied since the last steal check
         # lane grants and counts (cw.master.lanes; off with --no-local-socket)
         self.lanes = Lanes(send, lanes, self.by_cid, self.clients, self._wake)
+
+    @property
+    def queued(self) -> int:
+        """Live (not cancelled) jobs in the queue, parked ones included."""
+        return len(self.queue)
 
     @property
     def routed(self) -> int:
@@ -95,6 +101,7 @@ class Peers:
             self._next_cid += 1
             self.clients[ident] = peer
             self.by_cid[peer.cid] = peer
+            self.queue.set_share(peer, info.get("share", 1.0))
         elif role == "supervisor":
             peer = self.supervisors[ident] = PeerRecord(ident, info, now)
         else:
@@ -137,14 +144,9 @@ class Peers:
         self.lanes.client_gone(client, self.workers)
         self._dirty.pop(client.ident, None)
         self._full.pop(client.ident, None)
-        client.parked.clear()
-        dropped = 0
+        dropped = self.queue.drop(client)
         for job in client.jobs.values():
-            if job.worker is None:
-                job.cancelled = True
-                self.queued -= 1
-                dropped += 1
-            elif not job.started:
+            if job.worker is not None and not job.started:
                 self._ask_cancel(job.worker, client.cid, job.seq)
         client.jobs.clear()
         client.functions.clear()
@@ -162,6 +164,7 @@ class Peers:
             reason, graceful = f"{reason}, {evicted}; its jobs go back uncharged", True
         lost = f"{who}: {reason}"
         requeue: list[JobRecord] = []
+        self._left(worker, worker.assigned.values())
         for job in worker.assigned.values():
             job.worker = None
             if job.client.ident not in self.clients:
@@ -175,9 +178,7 @@ class Peers:
                     continue
             job.started = 0.0
             requeue.append(job)
-        for job in reversed(requeue):
-            self.queue.appendleft(job)
-        self.queued += len(requeue)
+        self.queue.give_back(requeue, taken=False)  # the front, in their order
         worker.assigned.clear()
         self.lanes.worker_gone(worker, lost, graceful)
         level = logging.INFO if graceful else logging.WARNING
@@ -238,6 +239,17 @@ class Peers:
         log.error("job %d of client %s failed: %s", job.seq, job.client.name, error)
         self._deliver(job, P.FAILED, dumps(error, "error"))
 
+
+    def _left(self, worker: WorkerRecord, jobs: Iterable[JobRecord]) -> None:
+        """Jobs left the worker's ``assigned`` (done, cancelled, stolen, re-queued, lost):
+        their clients' use of the workers drops (fair share), and what they took of the
+        worker's resources is free again. Called exactly once per job that leaves."""
+        release, give = self.queue.release, worker.capacity.give
+        for job in jobs:
+            release(job)
+            opts = job.opts
+            if opts and "resources" in opts:
+                give(opts["resources"])
 
     def _ask_cancel(self, worker: WorkerRecord, cid: int, seq: int, steal: bool = False) -> None:
         if not steal:

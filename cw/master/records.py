@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from cw.defaults import DEFAULT_MAX_RETRIES
 from cw.master.lanes import ClientLane, WorkerLane
+from cw.resources import Capacity
 
 PREFETCH_SECONDS = 0.005   # a worker holds about this much work (by its measured job time)
 MIN_HOLD = 2               # the running job and one prefetched, whatever the job time
@@ -68,7 +69,6 @@ class ClientRecord(PeerRecord):
         self.functions_refused = False             # the store was full once
         self.jobs: dict[int, JobRecord] = {}             # seq -> job queued or assigned
         self.arg_bytes = 0                         # argument bytes of its live jobs here
-        self.parked: list[JobRecord] = []                # queued jobs held back: results unsent
         self.submitted = 0
         self.done = 0
         self.lane = ClientLane(bool(info.get("inbox")))  # its lane grant (cw.master.lanes)
@@ -109,6 +109,9 @@ class WorkerRecord(PeerRecord):
         end = info.get("alloc_end")  # when its allocation ends (time.time()), if it does
         self.alloc_end: float | None = float(end) if isinstance(end, (int, float)) else None
         self.draining = ""     # why it drains (its DRAIN): it gets nothing more
+        # what the process offers (--resources, --gpus; checked by the protocol) and what
+        # its held jobs take of it; it runs one job at a time, each with all of it
+        self.capacity = Capacity(dict(info.get("resources") or {}))
 
     def evicted(self, wall_now: float) -> str:
         """Why its loss now is an eviction (its drain, its allocation's end), not a death

@@ -1,8 +1,9 @@
 """The master's state and routing rules: one owner, no sockets, no clocks of its own.
 
-    client --SUBMIT--> ClientRecord.jobs + queue (one FIFO for all clients)
-                                   |
-                              dispatch(): idle workers first, each up to its free slots
+    client --SUBMIT--> ClientRecord.jobs + queue (cw.master.jobqueue: fair share between
+                                   |      clients by default, --policy fifo; priorities)
+                              dispatch(): idle workers first, each up to its free slots,
+                                   |      only jobs its resources cover (cw.resources)
                                    v
                          WorkerRecord.assigned --JOBS--> worker
     worker --RESULTS--> job leaves assigned and ClientRecord.jobs --> the client's outbox
@@ -96,8 +97,7 @@ class Scheduler(Stealing):
                 continue
             job.size = size
             client.arg_bytes += size
-            self.queue.append(job)
-            self.queued += 1
+            self.queue.push(job)
             client.submitted += 1
 
     def cancel(self, client: ClientRecord, seqs: list, queued_only: bool = False) -> None:
@@ -114,8 +114,7 @@ class Scheduler(Stealing):
             if job is None or job.started or (queued_only and _about_to_run(job)):
                 client.out_cancelled.append([seq, False])
             elif job.worker is None:
-                job.cancelled = True
-                self.queued -= 1
+                self.queue.cancel(job)
                 del client.jobs[seq]
                 client.arg_bytes -= job.size
                 client.out_cancelled.append([seq, True])
@@ -153,6 +152,7 @@ class Scheduler(Stealing):
                 client.out_started.append(job.seq)
                 self._dirty[client.ident] = client
         pos = 0
+        release = self.queue.release
         for cid, seq, status, n in done:
             job = worker.assigned.pop((cid, seq), None)
             payload = frames[pos:pos + n]
@@ -163,6 +163,9 @@ class Scheduler(Stealing):
                 self._went_idle = True
             if job is None:
                 continue  # not ours any more (cancelled, re-queued after a timeout)
+            release(job)  # its client's use drops (fair share); inline: once per result
+            if job.opts and "resources" in job.opts:
+                worker.capacity.give(job.opts["resources"])
             if job.client.ident not in self.clients:
                 self.discarded += 1
                 log.info("discarded the result of job %d: client %s has gone",
@@ -197,10 +200,13 @@ class Scheduler(Stealing):
     # ---------------------------------------------------------------- output
     def flush(self) -> None:
         """Feed workers from the queue, then send every outbox that has news."""
+        starved = False
         if self.queued:
-            self._dispatch()
+            # an idle worker left without jobs while some are queued: those wait for
+            # resources it lacks, so it may steal like when the queue is empty
+            starved = self._dispatch()
             self._went_idle = True  # some worker may have been left idle: check for steals
-        if not self.queued and self._went_idle:
+        if (starved or not self.queued) and self._went_idle:
             self._went_idle = False
             self._steal()
         cancelling, self._cancelling = self._cancelling, {}
@@ -221,14 +227,14 @@ class Scheduler(Stealing):
         if not outbox.flush_client(client, self.send):
             self._full[client.ident] = client
             return
-        if client.parked:  # it reads again: what was held back goes first
-            self.queue.extendleft(reversed(client.parked))
-            client.parked = []
+        self.queue.unpark(client)  # it reads again: what was held back may go out
         if not outbox.flush_cancelled(client, self.send):
             self._full[client.ident] = client
 
-    def _dispatch(self) -> None:
-        """Hand queued jobs to workers with free slots, idle workers first, evenly."""
+    def _dispatch(self) -> bool:
+        """Hand queued jobs to workers with free slots, idle workers first, evenly; True if
+        an idle worker got nothing though jobs are still queued (none it can run)."""
+        starved = False
         ready = sorted((w for w in self.workers.values() if w.free() > 0),
                        key=lambda w: len(w.assigned))
         for i, worker in enumerate(ready):
@@ -238,30 +244,14 @@ class Scheduler(Stealing):
             # large hold) in batches of up to MIN_BATCH, so they still travel in batches when
             # hundreds of workers idle. Fresh workers and long jobs: one each.
             share = max(-(-self.queued // (len(ready) - i)), min(worker.hold // 2, MIN_BATCH))
-            batch = self._take(min(worker.free(), share), idle=not worker.assigned)
+            batch = self.queue.take(min(worker.free(), share), not worker.assigned,
+                                    worker.capacity)
             if batch:
                 worker.isolated = batch[0].suspect
                 self._send_jobs(worker, batch)
-
-    def _take(self, n: int, idle: bool) -> list[JobRecord]:
-        """Up to ``n`` jobs in FIFO order; a suspect goes alone, and only to an idle worker."""
-        batch: list[JobRecord] = []
-        queue = self.queue
-        while queue and len(batch) < n:
-            job = queue[0]
-            if job.suspect and not job.cancelled and (batch or not idle):
-                break
-            queue.popleft()
-            if job.cancelled:
-                continue
-            if job.client.backlogged():
-                job.client.parked.append(job)  # still queued; back once it reads
-                continue
-            batch.append(job)
-            if job.suspect:
-                break
-        self.queued -= len(batch)
-        return batch
+            elif not worker.assigned and self.queued:
+                starved = True
+        return starved
 
     def _send_jobs(self, worker: WorkerRecord, batch: list[JobRecord]) -> None:
         ctxs, fns, entries = [], [], []
@@ -288,8 +278,8 @@ class Scheduler(Stealing):
             for job in batch:
                 del worker.assigned[(job.client.cid, job.seq)]
                 job.worker = None
-            self.queue.extendleft(reversed(batch))
-            self.queued += len(batch)
+            self._left(worker, batch)
+            self.queue.give_back(batch, taken=False)
             worker.isolated = False
             worker.ctxs.difference_update(c[0] for c in ctxs)
             worker.fns.difference_update((f[0], f[1]) for f in fns)
@@ -304,13 +294,17 @@ class Scheduler(Stealing):
     def status(self, now: float | None = None) -> dict:
         """A plain-data snapshot of the master's state."""
         now = time.time() if now is None else now
+        clients = {c: view.client_status(c) for c in self.clients.values()}
+        sharing = view.sharing_status(self.queue.describe(), self.workers.values(), clients)
         return {
             "master_id": self.master_id,
             "queue": self.queued,
             "routed": self.routed,
             "discarded": self.discarded,
+            "policy": self.queue.policy,
             "workers": [view.worker_status(w, now) for w in self.workers.values()],
-            "clients": [view.client_status(c) for c in self.clients.values()],
+            "clients": list(clients.values()),
+            **sharing,
         }
 
 

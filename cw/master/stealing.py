@@ -33,6 +33,7 @@ class Stealing(Peers):
                 continue
             if ok:  # dropped unstarted: the worker no longer holds it, whoever asked
                 del worker.assigned[(cid, seq)]
+                self._left(worker, (job,))
                 if job.client.jobs.pop(seq, None) is job:
                     job.client.arg_bytes -= job.size
                 worker.isolated = worker.isolated and bool(worker.assigned)
@@ -40,8 +41,7 @@ class Stealing(Peers):
             if client is not None:
                 client.out_cancelled.append([seq, bool(ok)])
                 self._dirty[client.ident] = client
-        self.queue.extendleft(reversed(stolen))  # given back: the front, in their order
-        self.queued += len(stolen)
+        self.queue.give_back(stolen, taken=False)  # the front, in their order
 
     def _stolen(self, worker: WorkerRecord, key: tuple[int, int], ok: bool) -> list[JobRecord]:
         """A steal answered: the job given back, to queue again (none if it stays)."""
@@ -50,6 +50,7 @@ class Stealing(Peers):
         if job is None or not ok:
             return []  # finished meanwhile, or started: it stays where it runs
         del worker.assigned[key]
+        self._left(worker, (job,))
         job.worker = None
         worker.isolated = worker.isolated and bool(worker.assigned)
         if job.client.ident in self.clients and job.seq in job.client.jobs:
@@ -64,7 +65,9 @@ class Stealing(Peers):
                      key=lambda w: len(w.assigned) + 2 * _on_lane(w), default=None)
         if victim is None or len(victim.assigned) < (1 if _on_lane(victim) else 2):
             return
-        waiting = [j for j in victim.assigned.values() if not j.started]
+        # jobs that need resources stay where they fit (the thief may lack them)
+        waiting = [j for j in victim.assigned.values()
+                   if not j.started and not (j.opts and "resources" in j.opts)]
         # the newer half, rounded up (all of them behind a long lane job); the worker's
         # answer is exact (a job it already started stays), so even the oldest may be asked
         for job in waiting[0 if _on_lane(victim) else len(waiting) // 2:]:

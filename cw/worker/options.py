@@ -1,5 +1,12 @@
 """``python -m cw.worker``'s flags and main: a supervisor, or (``--child``) one worker process.
 
+Resources (cw.resources): ``--resources gpu=1,mem=64`` is what *each* worker process offers;
+``--gpus 0,1`` (or ``auto``) starts one process per GPU instead of ``-n``, each with
+CUDA_VISIBLE_DEVICES set to its GPU and gpu=1 added to its resources. A process runs one job
+at a time, each job with all of the process's resources; ``--slots`` keeps its meaning (jobs
+held: the running one plus prefetched ones, each of which must fit). To run several small
+jobs at once on a node, start several processes (``-n 4 --resources mem=16``).
+
 A SIGTERM/SIGINT stops a worker process (its running job goes back to the queue) when it is a
 stop: the supervisor said so first, or there is none. Otherwise the job sent it to its own
 process: a crash like any other, and the process dies of it.
@@ -15,8 +22,9 @@ import threading
 
 from cw import cli
 from cw.defaults import DEFAULT_SLOTS
-from cw.errors import MasterUnreachable, ProtocolError, SecurityError
+from cw.errors import MasterUnreachable, ProtocolError, ResourceError, SecurityError
 from cw.launch.adapt import MARGIN
+from cw.resources import ProcessSpec, gpu_processes, parse_gpus, parse_resources
 from cw.worker.deadline import JobInterrupted
 from cw.worker.drain import Drain
 from cw.worker.process import Worker, WorkerShutdown
@@ -64,7 +72,7 @@ def run_child(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGUSR1, time_up)
     drain_signal = _signal(args.drain_signal)
     worker = Worker(args.host, args.port, args.slots, args.max_jobs, args.max_memory, link,
-                    args.insecure, Drain(args.drain_margin))
+                    args.insecure, Drain(args.drain_margin), parse_resources(args.resources or ""))
     if drain_signal is not None:
         signal.signal(drain_signal, drain)
     try:
@@ -105,6 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  help="worker processes to run on this node")
     cli.add_flag(parser, "--slots", default=DEFAULT_SLOTS, cast=int,
                  help="jobs one worker holds at once: the running one plus prefetched ones")
+    cli.add_flag(parser, "--resources", default="",
+                 help="what each worker process offers, name=number items: gpu=1,mem=64 "
+                      "(gpu: GPUs, mem: GB, cpu: cores, any other name: a counter of yours); "
+                      "jobs ask with ex.options(resources={'gpu': 1})")
+    cli.add_flag(parser, "--gpus", default="",
+                 help="one worker process per GPU, each seeing only its own "
+                      "(CUDA_VISIBLE_DEVICES) with resource gpu=1: a list like 0,1 (trusted "
+                      "as given) or auto (CUDA_VISIBLE_DEVICES, else nvidia-smi -L)")
     cli.add_flag(parser, "--max-jobs", default=0, cast=int,
                  help="restart a worker process after this many jobs (0: never)")
     cli.add_flag(parser, "--max-memory", default=0.0, cast=float,
@@ -145,6 +161,19 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     return argv + ["--insecure"] * args.insecure
 
 
+def process_specs(args: argparse.Namespace) -> list[ProcessSpec]:
+    """What each worker process offers and its environment: ``-n`` alike, or one per GPU."""
+    resources = parse_resources(args.resources or "")
+    if not args.gpus:
+        return [ProcessSpec({}, resources)] * max(1, args.processes)
+    if args.processes != 1:
+        raise ResourceError("--gpus starts one process per GPU: give it without -n")
+    specs = gpu_processes(parse_gpus(args.gpus), resources)
+    log.info("one worker process per GPU: %s", ", ".join(s.env["CUDA_VISIBLE_DEVICES"]
+                                                        for s in specs))
+    return specs
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cli.tune_malloc()
@@ -160,8 +189,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.slurm and args.drain_signal is None:
         args.drain_signal = "TERM"  # what SLURM sends at the walltime and on preemption
     try:
+        specs = process_specs(args)
         supervisor = Supervisor(child_argv(args), max(1, args.processes), args.host,
-                                args.port, args.insecure, _signal(args.drain_signal))
+                                args.port, args.insecure, _signal(args.drain_signal), specs)
+    except ResourceError as exc:
+        sys.exit(f"cw-worker: {exc}")
     except SecurityError as exc:  # e.g. --insecure to a master that is not on loopback
         sys.exit(f"cw-worker: {exc}")
     sys.exit(supervisor.run())

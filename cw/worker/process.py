@@ -71,7 +71,7 @@ class Worker:
     def __init__(self, host: str | None = None, port: int | None = None,
                  slots: int = DEFAULT_SLOTS, max_jobs: int = 0, max_memory: float = 0.0,
                  link: SupervisorLink | None = None, insecure: bool = False,
-                 drain: Drain | None = None):
+                 drain: Drain | None = None, resources: dict[str, float] | None = None):
         self.host, self.port = address.resolve(host, port)
         self.drain = drain or Drain(slurm=False)  # its allocation's end (cw.worker.drain)
         self.link = link  # to our supervisor (None: run by hand)
@@ -104,6 +104,8 @@ class Worker:
         self.lane = LaneServer(self)  # lone jobs from clients on this machine
         info = peer_info(slots=slots, supervisor=os.getppid() if link else None,
                          **self.drain.info())
+        if resources:
+            info["resources"] = dict(resources)  # what this process offers (cw.resources)
         self.conn = Connection(self.host, self.port, "worker", info,
                                self._on_message, on_welcome=self._on_welcome, logger=log,
                                on_begin=self.lane.open, insecure=insecure)

@@ -24,6 +24,7 @@ from cw import protocol as P
 from cw.conn import address
 from cw.conn.peer import Connection, peer_info
 from cw.errors import NoKeys
+from cw.resources import ProcessSpec, describe
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,17 @@ class Supervisor:
 
     def __init__(self, argv: list[str], n: int, host: str | None = None,
                  port: int | None = None, insecure: bool = False,
-                 drain_signal: signal.Signals | None = None):
+                 drain_signal: signal.Signals | None = None,
+                 specs: list[ProcessSpec] | None = None):
         self.argv = argv
         self.drain_signal = drain_signal  # forwarded: the workers drain, none restarts
         # the signal that stops a worker: SIGTERM, unless that one means "drain"
         self.stop_signal = signal.SIGINT if drain_signal == signal.SIGTERM else signal.SIGTERM
-        self.n = n
+        # what each process slot offers and its environment (--gpus: one per GPU, each
+        # with its CUDA_VISIBLE_DEVICES); a restarted process keeps its slot's
+        self.specs = specs or [ProcessSpec({}, {})] * n
+        self.n = len(self.specs)
+        self.slot_of: dict[int, int] = {}
         self.children: dict[int, subprocess.Popen] = {}
         self.born: dict[int, float] = {}
         self.links: dict[int, socket.socket] = {}
@@ -95,14 +101,18 @@ class Supervisor:
                                logger=log, insecure=insecure)
         self.reporting = False  # our connection is open (once the master's keys are here)
 
-    def spawn(self) -> None:
+    def spawn(self, slot: int = 0) -> None:
         ours, theirs = socket.socketpair()
         fd = theirs.fileno()
+        spec = self.specs[slot]
+        extra = ["--resources", describe(spec.resources)] if spec.resources else []
         try:
             proc = subprocess.Popen([sys.executable, "-m", "cw.worker", "--child",
-                                     "--supervisor-fd", str(fd), *self.argv], pass_fds=[fd])
+                                     "--supervisor-fd", str(fd), *self.argv, *extra],
+                                    pass_fds=[fd], env={**os.environ, **spec.env})
         finally:
             theirs.close()
+        self.slot_of[proc.pid] = slot
         self.children[proc.pid] = proc
         self.born[proc.pid] = time.monotonic()
         self.links[proc.pid] = ours
@@ -112,8 +122,8 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._stop)
         if self.drain_signal is not None:
             signal.signal(self.drain_signal, self._drain)
-        for _ in range(self.n):
-            self.spawn()
+        for slot in range(self.n):
+            self.spawn(slot)
         self._report_deaths()
         log.info("supervisor %d started %d workers: %s", os.getpid(), self.n,
                  " ".join(map(str, self.children)))
@@ -160,6 +170,7 @@ class Supervisor:
         proc = self.children.pop(pid, None)
         if proc is None:
             return
+        slot = self.slot_of.pop(pid, 0)
         lived = time.monotonic() - self.born.pop(pid)
         proc.returncode = os.waitstatus_to_exitcode(status)
         note = self._note(pid)
@@ -174,7 +185,7 @@ class Supervisor:
             return
         if NOTE_RECYCLE in note:
             log.info("worker %d recycled; starting a fresh one", pid)
-            return self.spawn()
+            return self.spawn(slot)
         # a crash, whatever the exit code: the master charges the job it ran at once
         if self._report_deaths():
             self.conn.call(self.conn.send, [P.pack(P.DIED, pid, proc.returncode, lived)])
@@ -186,7 +197,7 @@ class Supervisor:
         if delay:
             time.sleep(delay)  # back off, but never give the slot up
         if not self.stopping:
-            self.spawn()
+            self.spawn(slot)
 
     def _stop(self, signum, frame) -> None:
         if not self.stopping:
