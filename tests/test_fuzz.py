@@ -38,7 +38,8 @@ FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None
 KINDS = [P.HELLO, P.WELCOME, P.REFUSE, P.WHO, P.HEARTBEAT, P.BYE, P.SUBMIT, P.CANCEL,
          P.CANCELLED, P.JOBS, P.RESULTS, P.FORGET, P.LANE, P.LANE_LOST, P.LANE_BUSY,
          P.LANE_REFUSED, P.LANE_RESULT, P.LJOB, P.LRESULT, P.LSTARTED, P.BOUNCE, P.STATUS,
-         P.STATUS_REPLY, P.DIED, P.DRAIN]
+         P.STATUS_REPLY, P.DIED, P.DRAIN, P.BATCH_OPEN, P.BATCH_SUBMIT, P.ACKED, P.BATCH_LIST,
+         P.BATCH_STATUS, P.BATCH_FETCH, P.BATCH_CANCEL, P.BATCH_FORGET, P.BATCH_REPLY]
 NOT_KINDS = {"VERSION", "DEFAULT_PORT", "OK", "ERROR", "FAILED", "MAX_PATH_ENTRY",
              "WINDOW_PER_WORKER", "WINDOW_MIN"}
 huge_ints = st.one_of(st.integers(-2 ** 63, 2 ** 64 - 1),
@@ -87,6 +88,17 @@ client_messages = st.one_of(
                           st.lists(job_entries, max_size=4)).map(list)),
     well_shaped_submits(),
     header_then(st.tuples(st.just(P.CANCEL), values).map(list)),
+    # named batches: any fields, and well-typed ones with huge or odd values
+    header_then(st.tuples(st.sampled_from([P.BATCH_OPEN, P.BATCH_LIST, P.BATCH_STATUS,
+                                           P.BATCH_FETCH, P.BATCH_CANCEL, P.BATCH_FORGET]),
+                          st.lists(values, max_size=4)).map(lambda t: [t[0], *t[1]])),
+    header_then(st.tuples(st.just(P.BATCH_OPEN), huge_ints, st.text(max_size=300)).map(list)),
+    header_then(st.tuples(st.sampled_from([P.BATCH_STATUS, P.BATCH_FETCH]), huge_ints,
+                          st.text(max_size=20), huge_ints, st.one_of(huge_ints, st.floats()))
+                .map(list)),
+    header_then(st.tuples(st.just(P.BATCH_SUBMIT), st.text(max_size=20),
+                          st.lists(digests, max_size=3), st.lists(job_entries, max_size=4))
+                .map(list)),
     header_then(st.tuples(st.just(P.CANCEL), st.lists(values, max_size=5)).map(list)),
     header_then(st.tuples(st.just(P.HELLO), values, values, values).map(list)),
     st.just([]),                                                          # no frames at all
