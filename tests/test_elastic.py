@@ -270,9 +270,17 @@ def test_plan_counts_pending_jobs_until_their_worker_says_hello_and_never_runs_a
     from cw.master.scheduler import Scheduler
 
     sched = Scheduler(lambda *a: True)
+    client = sched.hello(b"c", "client", {"name": "c"}, time.monotonic())
+    seqs = iter(range(1, 1000))
+
+    def queue(n: int) -> None:  # n more jobs waiting (nothing dispatches: no flush here)
+        fns = [] if client.functions else [b"f" * 16]
+        sched.submit(client, fns, [[next(seqs), b"f" * 16, 1, None] for _ in range(n)],
+                     [b"fn"] * len(fns) + [b"arg"] * n)
+
     el = Elastic(sched, Config(adapt.Limits(4, idle_timeout=5, lead=10, margin=10), "x"))
     assert not el.plan(Snapshot({}, time.monotonic()))[0]  # no work: nothing
-    sched.queued = 3  # three jobs waiting, no worker
+    queue(3)  # three jobs waiting, no worker
     decision, pending = el.plan(Snapshot({}, time.monotonic()))
     assert decision.submit == 3 and pending == []
     el.submitted = {f"9_{i}": time.monotonic() for i in range(3)}
@@ -286,11 +294,11 @@ def test_plan_counts_pending_jobs_until_their_worker_says_hello_and_never_runs_a
     decision, pending = el.plan(Snapshot(running, time.monotonic()))
     assert pending == [] and decision.leaving == 3 and decision.submit == 3  # replacements
     el.submitted.update({f"10_{i}": time.monotonic() for i in range(3)})
-    sched.queued = 50
+    queue(47)
     decision, _ = el.plan(Snapshot(running, time.monotonic()))
     assert decision.submit <= 2 * 4 - 3 - 3  # connected + pending stay within 2 x max
     el.submitted.clear()
-    sched.queued = 0
+    sched.peer_gone(b"c", "gone")  # its queued jobs are dropped: nothing waits
     later = time.monotonic() + 2
     decision, _ = el.plan(Snapshot({}, later))  # squeue lists none of ours: forgotten
     assert el.submitted == {} and not decision.cancel_pending
