@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from cw import protocol as P
 from cw.errors import JobTimeout
+from cw.worker.outcome import error_frames
 from cw.worker.supervisor import NOTE_RECYCLE
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ def timeout_error(job: Task) -> JobTimeout:
 
 def time_up(worker: Worker, now: float) -> None:
     """Interrupt a job past its deadline; if it will not yield, report and exit (I/O thread)."""
-    from cw.worker.process import error_frames
     job = worker.current
     if job is None:
         return
