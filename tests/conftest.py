@@ -163,3 +163,39 @@ def cluster(procs, master) -> Master:
 
 
 from otheruser import other_user  # noqa: E402,F401  (the fixture, for the security tests)
+
+
+# ---------------------------------------------------------------- SLURM tests
+@pytest.fixture
+def cw_jobs(cw_home):
+    """Refuses to touch a user's own cw jobs; stops the test's jobs at teardown."""
+    from cw.launch import slurm
+    if slurm.jobs():
+        pytest.skip("this user already has cw jobs (cmaster, cworkers, cwadapt) in squeue; "
+                    "not touching them")
+    yield cw_home
+    slurm.stop()
+
+
+@pytest.fixture
+def counted(tmp_path, monkeypatch) -> Path:
+    """squeue, sbatch and scancel wrappers on PATH (the jobs inherit it) that append
+    ``command caller`` to a file (the caller from its parent's command line: cmaster for
+    the master, cwadapt for a worker, else launcher), then exec the real command; returns
+    that file (read it with ``count``)."""
+    calls = tmp_path / "calls"
+    calls.touch()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for command in ("squeue", "sbatch", "scancel"):
+        real = subprocess.run(["sh", "-c", f"command -v {command}"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        wrapper = bin_dir / command
+        wrapper.write_text(
+            "#!/bin/sh\ncase \"$(tr '\\0' ' ' < /proc/$PPID/cmdline)\" in\n"
+            "  *cw.master*) who=cmaster ;;\n  *cw.worker*) who=cwadapt ;;\n"
+            "  *) who=launcher ;;\nesac\n"
+            f"echo \"{command} $who\" >> {calls}\nexec {real} \"$@\"\n")
+        wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return calls

@@ -1,9 +1,12 @@
-"""Helpers for the launcher tests (test_mp.py, test_slurm.py): processes by pid, SLURM state."""
+"""Helpers for the launcher tests (test_mp.py, test_slurm*.py, test_elastic.py): processes by
+pid, SLURM state, the ``./slurm.py`` command line, and the SLURM call counts that
+conftest's ``counted`` fixture records (conftest also has ``cw_jobs``)."""
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,3 +60,20 @@ def slurm_problem() -> str:
         last = (proc.stderr.strip().splitlines() or ["failed"])[-1]
         return f"SLURM is not running (sinfo: {last}); start it with tests/slurm/local_slurm.sh"
     return ""
+
+
+def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
+    """``./slurm.py ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "slurm.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def count(calls: Path, who: str | None = None) -> dict[str, int]:
+    """{command: calls} recorded by ``counted``, made from ``who`` (cmaster, cwadapt,
+    launcher; None: from anywhere)."""
+    found: dict[str, int] = {}
+    for line in calls.read_text().splitlines():
+        command, caller = line.split()
+        if who is None or caller == who:
+            found[command] = found.get(command, 0) + 1
+    return found

@@ -14,13 +14,12 @@ import textwrap
 from concurrent.futures import CancelledError
 
 import pytest
+from conftest import gated, wait_for
 
 from cw.batch import Batch, list_batches
 from cw.client import ClientThread, ClusterExecutor
 from cw.errors import JournalFull, UnknownBatch
 from cw.status import format_table
-
-from conftest import gated, wait_for
 
 
 def slow_square(x, gate=None):

@@ -13,7 +13,6 @@ import signal
 import time
 
 import pytest
-
 from conftest import wait_for
 from slurm_conftest_helpers import alive, parent_of
 from test_faults import executor

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
+from slurm_conftest_helpers import count, processes_with_env, run_cli, slurm_problem
+from test_slurm import fake_slurm  # noqa: F401  (a fixture)
 
 from cw.client import ClusterExecutor
 from cw.launch import slurm
 from cw.status import status
-
-from slurm_conftest_helpers import processes_with_env, slurm_problem
-from test_slurm import fake_slurm, run_cli  # noqa: F401  (fake_slurm: a fixture)
 
 _problem = slurm_problem()
 needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")
@@ -30,61 +30,6 @@ needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is ru
 def real_slurm(test):
     """Marks a test that needs the real (local) SLURM."""
     return pytest.mark.slurm(needs_slurm(test))
-
-
-@pytest.fixture
-def cw_jobs(cw_home):
-    """Refuses to touch a user's own cw jobs; stops the test's jobs at teardown."""
-    if slurm.jobs():
-        pytest.skip("this user already has cw jobs in squeue; not touching them")
-    yield cw_home
-    slurm.stop()
-
-
-@pytest.fixture
-def counted(tmp_path, monkeypatch) -> Path:
-    """squeue, sbatch and scancel wrappers on PATH (the jobs inherit it) that append
-    ``command caller`` to a file (the caller from its parent's command line: cmaster for
-    the master, cwadapt for a worker, else launcher), then exec the real command; returns
-    that file."""
-    calls = tmp_path / "calls"
-    calls.touch()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for command in ("squeue", "sbatch", "scancel"):
-        real = subprocess.run(["sh", "-c", f"command -v {command}"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        wrapper = bin_dir / command
-        wrapper.write_text(
-            "#!/bin/sh\ncase \"$(tr '\\0' ' ' < /proc/$PPID/cmdline)\" in\n"
-            "  *cw.master*) who=cmaster ;;\n  *cw.worker*) who=cwadapt ;;\n"
-            "  *) who=launcher ;;\nesac\n"
-            f"echo \"{command} $who\" >> {calls}\nexec {real} \"$@\"\n")
-        wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return calls
-
-
-def count(calls: Path, who: str) -> dict[str, int]:
-    """{command: calls} made from ``who`` (cmaster, cwadapt, launcher)."""
-    found: dict[str, int] = {}
-    for line in calls.read_text().splitlines():
-        command, caller = line.split()
-        if caller == who:
-            found[command] = found.get(command, 0) + 1
-    return found
-
-
-def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
-    """Poll ``predicate`` (bounded) until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout:g} s")
-        time.sleep(every)
 
 
 def adaptive() -> list[slurm.SlurmJob]:
@@ -149,7 +94,7 @@ def test_adapt_submits_an_array_with_the_work_and_cancels_idle_workers(cw_jobs, 
     info = status()
     assert info["adapt"]["max_workers"] == 3 and "pending_reasons" in info["adapt"]
 
-    wait_for(lambda: not adaptive(), 40, "the idle workers cancelled")
+    wait_for(lambda: not adaptive(), 40, "the idle workers cancelled", interval=0.5)
     assert [j.name for j in slurm.jobs()] == ["cmaster"]
     assert status()["workers"] == []
     shown = subprocess.run([os.sys.executable, "-m", "cw.launch.slurm", "status"],
@@ -166,10 +111,10 @@ def test_pending_worker_jobs_show_slurms_reason_and_are_never_more_than_needed(c
     with ClusterExecutor() as ex:
         futures = [ex.submit(pow, i, 2) for i in range(2)]
         info = wait_for(lambda: (s := status())["adapt"]["pending_reasons"] and s, 20,
-                        "pending worker jobs")
+                        "pending worker jobs", interval=0.5)
         assert info["adapt"]["pending_reasons"] == {"JobHeldUser": 2}
         calls = info["adapt"]["squeue_calls"]
-        wait_for(lambda: status()["adapt"]["squeue_calls"] >= calls + 3, 20, "three polls")
+        wait_for(lambda: status()["adapt"]["squeue_calls"] >= calls + 3, 20, "three polls", interval=0.5)
         held = adaptive()
         assert len(held) == 2 and all(j.reason == "JobHeldUser" for j in held)
         assert status()["adapt"]["sbatch_calls"] == 1  # two pending: nothing more asked
@@ -178,7 +123,7 @@ def test_pending_worker_jobs_show_slurms_reason_and_are_never_more_than_needed(c
         assert "pending: 2 JobHeldUser" in shown, shown
         assert not any(f.done() for f in futures)
         ex.shutdown(wait=False, cancel_futures=True)
-    wait_for(lambda: not adaptive(), 30, "the unneeded pending jobs cancelled")
+    wait_for(lambda: not adaptive(), 30, "the unneeded pending jobs cancelled", interval=0.5)
 
 
 def _slow_square(i: int) -> int:
@@ -225,13 +170,13 @@ def test_a_worker_preempted_with_sigterm_drains_and_loses_nothing(cw_jobs, tmp_p
     job = recorder(log, 2.0)
     with ClusterExecutor() as ex:
         futures = [ex.submit(job, i) for i in range(12)]
-        wait_for(lambda: len(starts(log)) >= 2, 30, "two jobs running")
+        wait_for(lambda: len(starts(log)) >= 2, 30, "two jobs running", interval=0.5)
         victim = sorted(j.id for j in adaptive() if j.state == "RUNNING")[0]
         subprocess.run(["scancel", "-s", "TERM", victim], check=True, timeout=30)
         results = [f.result(timeout=60) for f in futures]
     assert [r[0] for r in results] == [i * i for i in range(12)]
     assert starts(log) == {i: 1 for i in range(12)}
-    wait_for(lambda: victim not in {j.id for j in adaptive()}, 30, "the preempted job gone")
+    wait_for(lambda: victim not in {j.id for j in adaptive()}, 30, "the preempted job gone", interval=0.5)
     home = cw_jobs
     master_log = next((home / "logs").glob("cmaster-*.log")).read_text()
     assert "drains (got SIGTERM" in master_log

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from slurm_conftest_helpers import ROOT, parent_of, pids_of, processes_with_env, slurm_problem
+from slurm_conftest_helpers import parent_of, pids_of, processes_with_env, run_cli, slurm_problem
 
 import cw
 from cw import address, launch, slurm
@@ -22,20 +22,6 @@ from cw.status import status
 
 _problem = slurm_problem()
 needs_slurm = pytest.mark.skipif(bool(_problem), reason=_problem or "SLURM is running")
-
-
-@pytest.fixture
-def cw_jobs(cw_home):
-    """Refuses to touch a user's own cw jobs; cancels the test's jobs at teardown."""
-    if slurm.jobs():
-        pytest.skip("this user already has cmaster/cworkers jobs in squeue; not touching them")
-    yield cw_home
-    slurm.stop()
-
-
-def run_cli(*args: str, timeout: float = 60, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "slurm.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slurm

@@ -106,15 +106,6 @@ def containers(image: str) -> list[str]:
     return out.stdout.split()
 
 
-@pytest.fixture
-def cw_jobs(cw_home):
-    """Refuses to touch a user's own cw jobs; cancels the test's jobs at teardown."""
-    if slurm.jobs():
-        pytest.skip("this user already has cmaster/cworkers jobs in squeue; not touching them")
-    yield cw_home
-    slurm.stop()
-
-
 # a job: where it runs and what it reads there (a lambda, so that cloudpickle sends it by
 # value: the containers cannot import this test module)
 in_container = lambda _: (os.getcwd(), Path("data.txt").read_text(),  # noqa: E731

@@ -15,10 +15,10 @@ import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
-from slurm_conftest_helpers import slurm_problem
+from conftest import wait_for
+from slurm_conftest_helpers import count, slurm_problem
 
 from cw.client import ClusterExecutor
 from cw.launch import slurm, slurm_jobs
@@ -56,45 +56,6 @@ def name():
     subprocess.run(["scancel", "--me", "-n", job_name], capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def counted(tmp_path, monkeypatch) -> Path:
-    """squeue, sbatch and scancel on PATH as wrappers that append their name to a file,
-    then exec the real command; returns that file."""
-    calls = tmp_path / "calls"
-    calls.touch()
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for command in ("squeue", "sbatch", "scancel"):
-        real = subprocess.run(["sh", "-c", f"command -v {command}"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        wrapper = bin_dir / command
-        wrapper.write_text(f"#!/bin/sh\necho {command} >> {calls}\nexec {real} \"$@\"\n")
-        wrapper.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    return calls
-
-
-def count(calls: Path) -> dict[str, int]:
-    found: dict[str, int] = {}
-    for line in calls.read_text().split():
-        found[line] = found.get(line, 0) + 1
-    return found
-
-
-def wait_for(predicate, timeout: float, what: str):
-    """Poll ``predicate`` (bounded) until it returns something true; return that."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not within {timeout:g} s")
-        time.sleep(delay)
-        delay = min(delay * 1.5, 1.0)
-
-
 @pytest.mark.slurm
 @needs_slurm
 @pytest.mark.timeout(60)
@@ -116,7 +77,7 @@ def test_an_array_of_three_is_seen_in_one_call_and_cancelled(name, counted):
     assert cancel(ids)
     assert count(counted)["scancel"] == 1
     gone = wait_for(lambda: not {i: j for i, j in poller.poll(force=True).jobs.items()
-                                 if j.state != "COMPLETING"}, 30, "the cancelled jobs gone")
+                                 if j.state != "COMPLETING"}, 30, "the cancelled jobs gone", interval=0.2)
     assert gone
 
 
@@ -189,7 +150,7 @@ def test_allocation_end_of_two_minute_jobs_is_two_minutes_after_each_start(name,
     for task in range(3):
         out = tmp_path / str(task)
         started, end, job = json.loads(wait_for(lambda out=out: out.exists() and out.read_text(),
-                                           45, f"task {task}'s answer"))
+                                           45, f"task {task}'s answer", interval=0.2))
         assert end is not None and 100 <= end - started <= 121, (task, started, end)
         assert job == ids[task]  # what the poller and cancel name it
 
@@ -204,7 +165,7 @@ def test_allocation_end_is_none_without_a_time_limit_or_a_job(name, tmp_path):
     submit_workers(1, f"#!/bin/sh\nexec {sys.executable} -c {json.dumps(code)}\n",
                    name=name)
     assert json.loads(wait_for(lambda: out.exists() and out.read_text(), 45,
-                               "the job's answer")) is None
+                               "the job's answer", interval=0.2)) is None
     assert allocation_end({}) is None
     assert allocation_end({"SLURM_JOB_END_TIME": "1900000000"}) == 1900000000.0
 
@@ -241,7 +202,7 @@ def test_cw_workers_submitted_as_an_array_register_run_jobs_and_leave_on_sigint(
     assert sorted(running) == sorted(ids)
     assert cancel(running, signal="INT")  # the steps get SIGINT: BYE, then the jobs end
     master.wait_workers(0, timeout=30)
-    wait_for(lambda: not poller.poll().jobs, 30, "the worker jobs to end")
+    wait_for(lambda: not poller.poll().jobs, 30, "the worker jobs to end", interval=0.2)
     for task in ids:  # each stopped as asked (not killed by SLURM)
         text = (cw_home / "logs" / f"{name}-{task}.log").read_text()
         assert "supervisor got SIGINT" in text and "stopped after" in text, text

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
-from slurm_conftest_helpers import ROOT, processes_with_env, slurm_problem
+from slurm_conftest_helpers import processes_with_env, run_cli, slurm_problem
 
 from cw.client import ClusterExecutor
 from cw.conn import address, local
@@ -40,20 +39,6 @@ _problem = slurm_problem() or ("" if len(NODES) >= 3 else
                                f"the SLURM has {len(NODES)} node(s), these tests need 3 "
                                f"(tests/slurm/local_slurm.sh start makes them)")
 pytestmark = [pytest.mark.slurm, pytest.mark.skipif(bool(_problem), reason=_problem or "ok")]
-
-
-@pytest.fixture
-def cw_jobs(cw_home):
-    """Refuses to touch a user's own cw jobs; cancels the test's jobs at teardown."""
-    if slurm.jobs():
-        pytest.skip("this user already has cmaster/cworkers jobs in squeue; not touching them")
-    yield cw_home
-    slurm.stop()
-
-
-def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "slurm.py"), *args], capture_output=True,
-                          text=True, timeout=timeout)
 
 
 # a job: the name of the node it ran on, after holding its worker a moment (a lambda, so
